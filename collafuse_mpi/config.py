@@ -1,0 +1,315 @@
+"""Run configuration: one typed dataclass tree, loadable from TOML, validated up front.
+
+No torch here: the plot command and the job scripts read configs on nodes without a GPU stack.
+Every field carries its meaning in the docstring below its class; `describe()` prints them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+DATASETS = ("digits", "shapes", "npz", "folder")
+SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ddpm", "ddim")
+PARTITIONS = ("iid", "dirichlet")
+MODEL_PRESETS = {  # base channels, channel multipliers, time-embedding width
+    "tiny": (16, (1, 2), 64),
+    "small": (32, (1, 2, 2), 128),
+    "base": (64, (1, 2, 2, 4), 256),
+}
+IF_EXISTS = ("fail", "append", "overwrite")
+TIMING_MODES = ("attribution", "throughput")
+TRISTATE = ("auto", "yes", "no")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: raised before any rank starts work."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """UNet size preset: tiny (16 ch, 2 levels), small (32 ch, 3 levels), base (64 ch, 4 levels)."""
+    dropout: float = 0.0
+    """Dropout inside residual blocks."""
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 100
+    """T, the length of the denoising chain (t = 1..T)."""
+    schedule: str = "cosine"
+    """Noise schedule: linear or cosine."""
+    cut: float = 0.4
+    """Cut ratio c in [0, 1]: the client's share of the chain, k = round(c*T).
+    c = 1 is purely local (server idle), c = 0 purely central."""
+    client_cuts: list = field(default_factory=list)
+    """Per-client cut ratios (one per client) for heterogeneous cuts; empty means all use `cut`."""
+    sampler: str = "ddim"
+    """Sampler: ddpm (every step) or ddim (eta = 0, `sample_steps` steps; the cut is always one)."""
+    sample_steps: int = 20
+    """Number of DDIM steps over the whole chain (ignored for ddpm)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """digits (scikit-learn's 8x8 digits, shipped with the package), shapes (procedural),
+    npz (MedMNIST-layout file at `path`), folder (PNG/JPG images under `path`)."""
+    path: str = ""
+    """Data file (npz) or folder (folder); unused by digits and shapes."""
+    image_size: int = 16
+    """Side of the square images the model sees; must be divisible by 2**(levels-1) of the preset."""
+    channels: int = 1
+    """Image channels: 1 (grayscale) or 3 (RGB)."""
+    partition: str = "iid"
+    """How images are split across clients: iid or dirichlet (non-IID by label)."""
+    alpha: float = 0.5
+    """Dirichlet concentration for the non-IID partition (small = more skewed)."""
+    holdout: float = 0.2
+    """Fraction of each client's partition kept out of training for evaluation."""
+    max_images: int = 0
+    """Use at most this many images in all (0 = all)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    """Training steps per client."""
+    batch_size: int = 32
+    """Images per client per step (the server fuses one batch from each client)."""
+    lr: float = 2e-3
+    """AdamW learning rate, for the server and every client."""
+    ema_decay: float = 0.99
+    """Decay of the exponential moving average of the weights used for sampling."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 = off)."""
+    max_in_flight: int = 2
+    """Server batches a client may have in flight before it waits for the oldest send."""
+    warmup_steps: int = 3
+    """Steps marked as warm-up in the results (kept, never dropped)."""
+
+
+@dataclass
+class SampleConfig:
+    samples_per_client: int = 16
+    """Images each client generates after training (through the server when k < T)."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    """Run seed; every rank derives its own seed from it."""
+    device: str = "auto"
+    """cpu, cuda, or auto (local rank -> GPU when GPUs exist, else CPU)."""
+    output: str = "results.h5"
+    """HDF5 results file (rank 0 writes it)."""
+    if_exists: str = "fail"
+    """What to do when `output` exists: fail, append (a new run group) or overwrite."""
+    run_name: str = ""
+    """Name of the run group in the results file ('' = derived from the cut and time)."""
+    timing: str = "attribution"
+    """attribution (sync at phase edges) or throughput (no extra syncs)."""
+    cuda_aware: str = "auto"
+    """Pass CUDA tensors to MPI directly: auto (detect), yes, no (stage through host)."""
+    torch_threads: int = 1
+    """torch intra-op threads per rank."""
+    save_dir: str = ""
+    """Folder for final models and samples ('' = next to `output`, named after the run)."""
+    quiet: bool = False
+    """No progress bar."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def cut_steps(self, n_clients: int) -> list[int]:
+        """k for each client (index 0 = client rank 1)."""
+        cuts = self.diffusion.client_cuts or [self.diffusion.cut] * n_clients
+        return [cut_to_k(c, self.diffusion.timesteps) for c in cuts]
+
+
+def cut_to_k(cut: float, timesteps: int) -> int:
+    """k = round(c*T): the client owns t in 1..k, the server t in k+1..T."""
+    return int(round(float(cut) * timesteps))
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _section_classes():
+    return {f.name: f.default_factory().__class__ for f in fields(Config)}
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    classes = _section_classes()
+    for section, values in data.items():
+        if section not in classes:
+            raise ConfigError(f"unknown config section [{section}]; known: {', '.join(classes)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{section}] must be a table")
+        sub = getattr(cfg, section)
+        names = {f.name for f in fields(sub)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(sorted(names))}")
+            setattr(sub, key, value)
+    return cfg
+
+
+def load(path: str | None) -> Config:
+    if not path:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            return from_dict(tomllib.load(fh))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def set_value(cfg: Config, dotted: str, raw) -> None:
+    """Apply one override `section.key=value`, coercing to the field's type."""
+    if "." not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like section.key")
+    section, key = dotted.split(".", 1)
+    classes = _section_classes()
+    if section not in classes:
+        raise ConfigError(f"unknown config section {section!r}")
+    sub = getattr(cfg, section)
+    current = {f.name: getattr(sub, f.name) for f in fields(sub)}
+    if key not in current:
+        raise ConfigError(f"unknown config key {dotted}")
+    setattr(sub, key, _coerce(dotted, current[key], raw))
+
+
+def _coerce(name, current, raw):
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(current, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, list):
+            return [float(v) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {type(current).__name__}") from None
+    return raw
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError naming the first problem. Checks that need no torch and no data."""
+    d, m, data, tr, s, r = cfg.diffusion, cfg.model, cfg.data, cfg.train, cfg.sample, cfg.run
+    _check(m.preset in MODEL_PRESETS, f"model.preset {m.preset!r} unknown; choose {', '.join(MODEL_PRESETS)}")
+    _check(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
+    _check(isinstance(d.timesteps, int) and d.timesteps >= 2, "diffusion.timesteps must be an integer >= 2")
+    _check(d.schedule in SCHEDULES, f"diffusion.schedule {d.schedule!r} unknown; choose {', '.join(SCHEDULES)}")
+    _check(_is_number(d.cut) and 0.0 <= d.cut <= 1.0, f"cut must be a number in [0, 1], got {d.cut!r}")
+    for c in d.client_cuts:
+        _check(_is_number(c) and 0.0 <= c <= 1.0, f"client cut must be a number in [0, 1], got {c!r}")
+    _check(d.sampler in SAMPLERS, f"diffusion.sampler {d.sampler!r} unknown; choose {', '.join(SAMPLERS)}")
+    _check(isinstance(d.sample_steps, int) and 2 <= d.sample_steps <= d.timesteps,
+           "diffusion.sample_steps must be an integer in [2, timesteps]")
+    _check(data.dataset in DATASETS, f"unknown dataset {data.dataset!r}; choose {', '.join(DATASETS)}")
+    if data.dataset in ("npz", "folder"):
+        _check(bool(data.path), f"dataset {data.dataset} needs data.path")
+        _check(os.path.exists(data.path), f"data path {data.path} does not exist")
+        _check(os.access(data.path, os.R_OK), f"data path {data.path} is not readable")
+        if data.dataset == "npz":
+            _check(os.path.isfile(data.path), f"data path {data.path} is not a file")
+        else:
+            _check(os.path.isdir(data.path), f"data path {data.path} is not a folder")
+    levels = len(MODEL_PRESETS.get(m.preset, (0, (1,), 0))[1])
+    div = 2 ** (levels - 1)
+    _check(isinstance(data.image_size, int) and data.image_size >= 4 and data.image_size % div == 0,
+           f"image size {data.image_size} does not fit model preset {m.preset}: "
+           f"it must be a multiple of {div} and at least 4")
+    _check(data.channels in (1, 3), "data.channels must be 1 or 3")
+    _check(data.partition in PARTITIONS, f"data.partition {data.partition!r} unknown; choose {', '.join(PARTITIONS)}")
+    _check(_is_number(data.alpha) and data.alpha > 0, "data.alpha must be > 0")
+    _check(_is_number(data.holdout) and 0 < data.holdout < 1, "data.holdout must be in (0, 1)")
+    _check(isinstance(data.max_images, int) and data.max_images >= 0, "data.max_images must be >= 0")
+    _check(isinstance(tr.steps, int) and tr.steps >= 1, "train.steps must be >= 1")
+    _check(isinstance(tr.batch_size, int) and tr.batch_size >= 1, "train.batch_size must be >= 1")
+    _check(_is_number(tr.lr) and tr.lr > 0, "train.lr must be > 0")
+    _check(_is_number(tr.ema_decay) and 0 <= tr.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+    _check(_is_number(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip must be >= 0")
+    _check(isinstance(tr.max_in_flight, int) and tr.max_in_flight >= 1, "train.max_in_flight must be >= 1")
+    _check(isinstance(tr.warmup_steps, int) and tr.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    _check(isinstance(s.samples_per_client, int) and s.samples_per_client >= 1,
+           "sample.samples_per_client must be >= 1")
+    _check(r.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda")
+    _check(r.if_exists in IF_EXISTS, f"run.if_exists must be one of {', '.join(IF_EXISTS)}")
+    _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")
+    _check(r.cuda_aware in TRISTATE, f"run.cuda_aware must be one of {', '.join(TRISTATE)}")
+    _check(isinstance(r.torch_threads, int) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
+    _check(bool(r.output), "run.output must be a file path")
+    _check(not os.path.isdir(r.output), f"output {r.output} is a folder, not a file")
+    out_dir = os.path.dirname(os.path.abspath(r.output))
+    _check(os.path.isdir(out_dir) and os.access(out_dir, os.W_OK), f"output folder {out_dir} is not writable")
+    if os.path.exists(r.output):
+        _check(r.if_exists != "fail",
+               f"output {r.output} exists; pass --append to add a run or --overwrite to replace it")
+    if world_size is not None:
+        _check(world_size >= 2, f"need at least 2 ranks (1 server + 1 client), got {world_size}; "
+               "launch with mpirun -n 3 or more")
+        n_clients = world_size - 1
+        _check(not d.client_cuts or len(d.client_cuts) == n_clients,
+               f"{len(d.client_cuts)} client cuts given for {n_clients} clients")
+
+
+def describe() -> str:
+    """Every field with its default and docstring, for --help-config."""
+    import ast
+    import inspect
+    lines = []
+    for sec in fields(Config):
+        cls = sec.default_factory().__class__
+        tree = ast.parse(inspect.getsource(cls))
+        docs = {}
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+        inst = cls()
+        lines.append(f"[{sec.name}]")
+        for f in fields(cls):
+            lines.append(f"  {f.name} = {getattr(inst, f.name)!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
