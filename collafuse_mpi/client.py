@@ -1,0 +1,98 @@
+"""Client role: owns its data partition and the last k steps of the chain (t = 1..k)."""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from . import comm, schedule
+from .data import Batches
+from .model import UNet
+from .training import Learner, derive_seed, generator, pack_train, to_uint8
+
+SERVER = 0
+
+
+class Client:
+    def __init__(self, cfg, transport, index: int, k: int, device, timer, data):
+        self.cfg, self.tp, self.index, self.k = cfg, transport, index, k
+        self.rank = index + 1
+        self.device, self.timer, self.data = device, timer, data
+        self.sched = schedule.Schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+        self.T = cfg.diffusion.timesteps
+        seed = cfg.run.seed
+        self.noise_gen = generator(derive_seed(seed, self.rank, "noise"))
+        self.batches = Batches(data.train, cfg.train.batch_size, derive_seed(seed, self.rank, "data"))
+        torch.manual_seed(derive_seed(seed, self.rank, "init"))
+        self.learner = None
+        if k >= 1:  # a client with k = 0 owns no timestep and trains nothing
+            model = UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout).to(device)
+            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+        self.last_batch = None  # (x0, message) of the last step, for the disclosure measure
+
+    @property
+    def sends(self) -> bool:
+        return self.k < self.T
+
+    def train(self, on_step=None):
+        cfg, timer = self.cfg, self.timer
+        in_flight = collections.deque()
+        for step in range(cfg.train.steps):
+            timer.start_step(step, step < cfg.train.warmup_steps)
+            with timer.phase("data"):
+                x0 = next(self.batches).to(self.device)
+            loss = torch.tensor(float("nan"))
+            if self.learner is not None:
+                with timer.phase("noise"):
+                    x_t, t, eps = schedule.client_target(self.sched, x0, self.k, self.noise_gen)
+                loss = self.learner.step(timer, eps, x_t, t.to(self.device))
+            if self.sends:
+                with timer.phase("noise"):
+                    x_s, t_s, eps_s = schedule.server_message(self.sched, x0, self.k, self.noise_gen)
+                    payload = pack_train(x_s, eps_s, t_s.to(self.device))
+                with timer.phase("wait"):  # bounded: never more than max_in_flight batches unacknowledged
+                    while len(in_flight) >= cfg.train.max_in_flight:
+                        in_flight.popleft().wait()
+                with timer.phase("send"):
+                    in_flight.append(self.tp.isend(SERVER, comm.TRAIN, self.index, step, payload, meta=self.k))
+                self.last_batch = (x0, payload)
+            loss_value = float(loss)  # the only host sync of the step
+            timer.end_step(loss_value, x0.shape[0])
+            if on_step:
+                on_step(step, loss_value)
+        with timer.phase("wait"):
+            while in_flight:
+                in_flight.popleft().wait()
+
+    @torch.no_grad()
+    def sample(self):
+        """Returns (final samples, server view x_k or None)."""
+        cfg, d = self.cfg, self.cfg.diffusion
+        n = cfg.sample.samples_per_client
+        shape = (n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        gen = generator(derive_seed(cfg.run.seed, self.rank, "sample"))
+        if self.sends:
+            req = torch.tensor([n], dtype=torch.int64)
+            self.tp.send(SERVER, comm.SAMPLE_REQUEST, self.index, -1, req, meta=self.k)
+            with self.timer.phase("wait"):
+                self.tp.probe(SERVER, comm.CUT)
+            with self.timer.phase("recv"):
+                _, x = self.tp.recv(SERVER, comm.CUT, self.device)
+            server_view = x.clone()
+        else:
+            x = torch.randn(shape, generator=gen).to(self.device)
+            server_view = None
+        if self.k >= 1:
+            model = self.learner.ema.model
+            pairs = schedule.side_steps(self.T, self.k, d.sampler, d.sample_steps, "client")
+            with self.timer.phase("sample"):
+                x = schedule.run_chain(self.sched, model, x, 0, pairs, d.sampler, gen, clip=True)
+        return x.clamp(-1, 1), server_view
+
+    def sample_arrays(self, final, server_view) -> dict:
+        out = {"generated": to_uint8(final)}
+        if server_view is not None:
+            # x_k is not in [-1, 1]; rescale by sqrt(abar_k) so it displays like an image.
+            scale = self.sched.abar[self.k].sqrt().item()
+            out["server_view"] = to_uint8(server_view / scale)
+        return out

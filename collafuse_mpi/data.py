@@ -1,0 +1,411 @@
+"""Datasets, client partitions, held-out splits and the training batch iterator.
+
+Every rank calls `client_data` with the same config and gets the same answer: the partition
+depends only on the labels and `run.seed`, never on the rank. Pixels are decoded only for the
+images a client owns, so a large folder (CelebA) is not decoded once per rank.
+Images come back float32 [N, C, H, W] in [-1, 1]; labels int64 [N] (-1 = unlabelled).
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .config import Config, DataConfig
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross")
+N_SHAPES_IMAGES = 2000
+SHAPES_SEED = 1234        # fixed: the shapes dataset is the same in every run
+SUBSET_SEED = 0x5EED      # fixed: max_images keeps the same images on every rank and client
+MIN_PER_CLIENT = 2        # one image to train on, one held out
+NPZ_SPLITS = ("train", "val", "test")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded or split: the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel conversion helpers: everything passes through uint8 [N, C, S, S] before scaling to [-1, 1].
+
+def _to_float(u8: np.ndarray) -> np.ndarray:
+    return (u8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def _fit(im: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square (CelebA is 178x218), then bilinear resize to size x size."""
+    w, h = im.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return im
+
+
+def _pil_to_u8(im: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Any PIL image -> uint8 [C, size, size]; 16-bit/float images (MRI) are min-max scaled."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.round(a).astype(np.uint8))
+    elif im.mode == "P" or "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning; alpha is dropped next
+    im = _fit(im.convert("L" if channels == 1 else "RGB"), size)
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _array_to_u8(a: np.ndarray, where: str) -> np.ndarray:
+    """Numeric image array -> uint8: floats in [0, 1] are x255, values already in 0..255 are kept,
+    anything else (e.g. 16-bit scans) is min-max scaled over the whole array."""
+    if a.dtype == np.uint8:
+        return a
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise DataError(f"{where}: images have dtype {a.dtype}, expected numbers")
+    floating = np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if floating and 0 <= lo and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
+def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str) -> np.ndarray:
+    """uint8-able [N,H,W] / [N,H,W,1|3|4] -> uint8 [N, C, size, size]; channels converted per cfg."""
+    a = _array_to_u8(a, where)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.shape[-1] == 4:
+        a = a[..., :3]  # drop alpha
+    if a.shape[-1] != channels:
+        if channels == 3:
+            a = np.repeat(a, 3, axis=-1)
+        else:  # ITU-R 601 luma with PIL's integer rounding, so npz and folder images agree
+            w = a.astype(np.uint32)
+            a = ((w[..., 0] * 19595 + w[..., 1] * 38470 + w[..., 2] * 7471 + 0x8000) >> 16)[..., None].astype(np.uint8)
+    if a.shape[1:3] != (size, size):
+        a = np.stack([np.asarray(_fit(Image.fromarray(x[..., 0] if channels == 1 else x), size))
+                      .reshape(size, size, channels) for x in a]) if len(a) else \
+            np.empty((0, size, size, channels), np.uint8)
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each returns (labels, fetch) where fetch(indices) decodes only those images.
+
+def _digits(cfg: DataConfig):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    imgs = d.images.astype(np.float32)  # 8x8, values 0..16
+
+    def fetch(idx):
+        out = np.stack([np.asarray(Image.fromarray(imgs[i]).resize((cfg.image_size,) * 2, Image.BILINEAR))
+                        for i in idx]) if len(idx) else np.empty((0, cfg.image_size, cfg.image_size), np.float32)
+        out = np.clip(out / 8.0 - 1.0, -1.0, 1.0).astype(np.float32)[:, None]
+        return np.repeat(out, cfg.channels, axis=1) if cfg.channels == 3 else out
+    return d.target.astype(np.int64), fetch
+
+
+def _shape_mask(kind: int, x, y, cx, cy, r):
+    dx, dy = x - cx, y - cy
+    if kind == 0:
+        return dx * dx + dy * dy <= r * r
+    if kind == 1:
+        return np.maximum(abs(dx), abs(dy)) <= 0.8 * r
+    if kind == 2:  # upward equilateral triangle inscribed in the circle of radius r
+        return (dy <= 0.5 * r) & (dy >= -r + np.sqrt(3.0) * abs(dx))
+    if kind == 3:
+        d2 = dx * dx + dy * dy
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    return ((abs(dx) <= 0.3 * r) & (abs(dy) <= r)) | ((abs(dy) <= 0.3 * r) & (abs(dx) <= r))
+
+
+def _shapes(cfg: DataConfig):
+    # All parameters drawn up front so that image i is the same whatever subset is rendered.
+    rng = np.random.default_rng(SHAPES_SEED)
+    n = N_SHAPES_IMAGES
+    kinds = rng.integers(0, len(SHAPES), n)
+    radius = rng.uniform(0.15, 0.35, n)
+    cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
+    colour = rng.uniform(0.3, 1.0, (n, 3))  # grayscale uses the first component as intensity
+    ss = 4  # supersampling for anti-aliased edges
+    s = cfg.image_size
+    grid = (np.arange(s * ss) + 0.5) / (s * ss)
+    x, y = np.meshgrid(grid, grid)
+
+    def fetch(idx):
+        out = np.empty((len(idx), cfg.channels, s, s), np.float32)
+        for j, i in enumerate(idx):
+            cover = _shape_mask(kinds[i], x, y, cx[i], cy[i], radius[i]).reshape(s, ss, s, ss).mean((1, 3))
+            out[j] = -1.0 + 2.0 * cover[None] * colour[i, :cfg.channels, None, None]
+        return out
+    return kinds.astype(np.int64), fetch
+
+
+def _open_npz(path: str):
+    if not path:
+        raise DataError("dataset npz needs data.path (a MedMNIST-style .npz file)")
+    if not os.path.exists(path):
+        raise DataError(f"npz file {path} does not exist")
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not an .npz file (use dataset folder for image folders)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not hasattr(z, "files"):
+        raise DataError(f"{path} holds a single .npy array, not an .npz archive with train_images etc.")
+    return z
+
+
+def _npz_keys(z, path: str) -> list[tuple[str, str]]:
+    keys = [(f"{s}_images", f"{s}_labels") for s in NPZ_SPLITS if f"{s}_images" in z.files]
+    if not keys and "images" in z.files:
+        keys = [("images", "labels")]
+    if not keys:
+        raise DataError(f"{path} has none of the keys train_images, val_images, test_images or images "
+                        f"(found: {', '.join(z.files) or 'nothing'})")
+    return keys
+
+
+def _member(z, key: str, path: str) -> np.ndarray:
+    try:
+        return z[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read {key} ({type(exc).__name__}: {exc})") from None
+
+
+def _npz(cfg: DataConfig):
+    path = cfg.path
+    with _open_npz(path) as z:
+        parts, labels, start = [], [], 0
+        for img_key, lab_key in _npz_keys(z, path):
+            imgs = _member(z, img_key, path)
+            if imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[-1] not in (1, 3, 4)):
+                raise DataError(f"{path}: {img_key} has shape {imgs.shape}; expected [N,H,W] or [N,H,W,3]")
+            n = len(imgs)
+            lab = _member(z, lab_key, path) if lab_key in z.files else np.full(n, -1)
+            if lab.shape[:1] != (n,):
+                raise DataError(f"{path}: {lab_key} has shape {lab.shape} but {img_key} has {n}")
+            # [N,1] class ids -> [N]; multi-label [N,K] (ChestMNIST) has no single class -> -1
+            lab = lab.reshape(n, -1)[:, 0] if lab.ndim == 1 or lab.shape[1:] == (1,) else np.full(n, -1)
+            labels.append(lab.astype(np.int64))
+            parts.append((img_key, start, n))
+            start += n
+    if start == 0:
+        raise DataError(f"{path} contains no images")
+
+    def fetch(idx):
+        out = np.empty((len(idx), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
+        with _open_npz(path) as z:
+            for key, first, n in parts:
+                sel = np.nonzero((idx >= first) & (idx < first + n))[0]
+                if sel.size:  # one split in memory at a time
+                    out[sel] = _batch_to_u8(_member(z, key, path)[idx[sel] - first], cfg.image_size,
+                                            cfg.channels, f"{path}: {key}")
+        return _to_float(out)
+    return np.concatenate(labels), fetch
+
+
+def _folder_files(path: str) -> tuple[list[str], np.ndarray]:
+    if not path:
+        raise DataError("dataset folder needs data.path (a folder of PNG/JPG images)")
+    if not os.path.isdir(path):
+        raise DataError(f"image folder {path} " + ("is a file, not a folder" if os.path.exists(path)
+                                                   else "does not exist"))
+    files, tops = [], []
+    for dirpath, dirnames, names in os.walk(path):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, path)
+        for name in sorted(names):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):  # skip ._x.jpg etc.
+                files.append(os.path.join(dirpath, name))
+                tops.append(None if rel == "." else rel.split(os.sep)[0])
+    if not files:
+        raise DataError(f"image folder {path} has no .png/.jpg/.jpeg images")
+    classes = sorted({t for t in tops if t is not None})
+    labels = np.array([-1 if t is None else classes.index(t) for t in tops], np.int64)
+    return files, labels
+
+
+def _folder(cfg: DataConfig):
+    files, labels = _folder_files(cfg.path)
+
+    def fetch(idx):
+        out = np.empty((len(idx), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
+        for j, i in enumerate(idx):
+            try:
+                with Image.open(files[i]) as im:
+                    im.draft("L" if cfg.channels == 1 else "RGB", (cfg.image_size,) * 2)  # fast JPEG downscale
+                    out[j] = _pil_to_u8(im, cfg.image_size, cfg.channels)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise DataError(f"cannot read image {files[i]} ({type(exc).__name__}: {exc})") from None
+        return _to_float(out)
+    return labels, fetch
+
+
+def _source(cfg: DataConfig):
+    loaders = {"digits": _digits, "shapes": _shapes, "npz": _npz, "folder": _folder}
+    if cfg.dataset not in loaders:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; choose {', '.join(loaders)}")
+    if cfg.channels not in (1, 3):
+        raise DataError(f"data.channels must be 1 or 3, got {cfg.channels!r}")
+    labels, fetch = loaders[cfg.dataset](cfg)
+    keep = _subset(len(labels), cfg.max_images)
+    if keep is None:
+        return labels, lambda idx: fetch(np.asarray(idx, np.int64))
+    return labels[keep], lambda idx: fetch(keep[np.asarray(idx, np.int64)])
+
+
+def _subset(n: int, max_images: int):
+    """Indices kept by max_images: a fixed-seed random subset, in original order (None = all)."""
+    if not max_images or max_images >= n:
+        return None
+    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:max_images])
+
+
+def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """All images (after max_images) as float32 [N, C, S, S] in [-1, 1], and int64 labels [N]."""
+    labels, fetch = _source(cfg)
+    return fetch(np.arange(len(labels))), labels
+
+
+def _npz_count(path: str) -> int:
+    """Image count from the .npy headers inside the zip, without decompressing pixels."""
+    with _open_npz(path) as z:
+        keys = _npz_keys(z, path)
+    try:
+        n = 0
+        with zipfile.ZipFile(path) as zf:
+            for img_key, _ in keys:
+                with zf.open(img_key + ".npy") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    n += int(read(fh)[0][0])
+        return n
+    except Exception:  # odd header: the full index names the problem (or gets the count)
+        return len(_npz(DataConfig(dataset="npz", path=path))[0])
+
+
+def count_images(cfg: DataConfig) -> int:
+    """Number of images load_images would return, without decoding pixels where possible."""
+    if cfg.dataset == "shapes":
+        n = N_SHAPES_IMAGES
+    elif cfg.dataset == "folder":
+        n = len(_folder_files(cfg.path)[0])
+    elif cfg.dataset == "npz":
+        n = _npz_count(cfg.path)
+    else:
+        return len(_source(cfg)[0])  # digits: the labels are cheap and already capped
+    return min(n, cfg.max_images) if cfg.max_images else n
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions and per-client data.
+
+def partition(labels: np.ndarray, n_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Disjoint, sorted index arrays (one per client) that together cover every image."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n_clients < 1:
+        raise DataError(f"need at least 1 client, got {n_clients}")
+    if n < MIN_PER_CLIENT * n_clients:
+        raise DataError(f"{n} images are too few for {n_clients} clients: each client needs at least "
+                        f"{MIN_PER_CLIENT} (one to train on, one held out)")
+    if scheme not in ("iid", "dirichlet"):
+        raise DataError(f"unknown partition {scheme!r}; choose iid or dirichlet")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid" or np.all(labels == -1):
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), n_clients)]
+    if not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha!r}")
+    # Standard non-IID recipe (Hsu et al. 2019): each label's images are split across clients in
+    # Dirichlet(alpha) proportions; re-draw while some client ends up below the minimum.
+    for _ in range(100):
+        parts = [[] for _ in range(n_clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.nonzero(labels == c)[0])
+            cuts = (np.cumsum(rng.dirichlet(np.full(n_clients, alpha)))[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= MIN_PER_CLIENT:
+            break
+    else:  # very small alpha with many clients: top up the short clients from the largest one
+        for p in parts:
+            while len(p) < MIN_PER_CLIENT:
+                big = max(parts, key=len)
+                p.append(big.pop(int(rng.integers(len(big)))))
+    return [np.sort(np.asarray(p, np.int64)) for p in parts]
+
+
+@dataclass
+class ClientData:
+    train: np.ndarray
+    train_labels: np.ndarray
+    heldout: np.ndarray
+    heldout_labels: np.ndarray
+    train_index: np.ndarray = None    # indices into load_images' output, for logging and checks
+    heldout_index: np.ndarray = None
+
+
+def client_data(cfg: Config, client: int, n_clients: int) -> ClientData:
+    """Client `client`'s (0-based; client 0 is MPI rank 1) train and held-out images."""
+    if not 0 <= client < n_clients:
+        raise DataError(f"client {client} out of range for {n_clients} clients")
+    labels, fetch = _source(cfg.data)
+    own = partition(labels, n_clients, cfg.data.partition, cfg.data.alpha, cfg.run.seed)[client]
+    m = len(own)
+    n_held = min(max(int(round(cfg.data.holdout * m)), 1), m - 1)  # at least 1 on each side
+    perm = np.random.default_rng([cfg.run.seed, client, 7]).permutation(m)
+    held, train = np.sort(own[perm[:n_held]]), np.sort(own[perm[n_held:]])
+    images = fetch(np.concatenate([train, held]))
+    return ClientData(train=images[:len(train)], train_labels=labels[train],
+                      heldout=images[len(train):], heldout_labels=labels[held],
+                      train_index=train, heldout_index=held)
+
+
+class Batches:
+    """Endless training batches: epoch-wise shuffles, no image repeated within an epoch.
+
+    Batches are always full (min(batch_size, n)): an epoch's leftover images open the next batch,
+    topped up from the next epoch's order with images not already in that batch."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int):
+        import torch
+        self._torch = torch
+        if len(images) == 0:
+            raise DataError("no training images for the batch iterator")
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        self.data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.n = len(images)
+        self.batch_size = min(batch_size, self.n)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.order = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        torch = self._torch
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += len(idx)
+        if len(idx) < self.batch_size:  # epoch ends: new order, leftovers' duplicates moved back
+            order = torch.randperm(self.n, generator=self.gen)
+            dup = torch.isin(order, idx)
+            self.order = torch.cat([order[~dup], order[dup]])
+            self.pos = self.batch_size - len(idx)
+            idx = torch.cat([idx, self.order[:self.pos]])
+        return self.data[idx]

@@ -1,0 +1,242 @@
+"""Image quality (KID) and disclosure metrics for CollaFuse runs.
+
+Images are float tensors [N, C, H, W] in [-1, 1], C = 1 or 3. See docs/metrics.md.
+
+KID runs on one of two feature sets, and a KID value only means something next to
+other values from the same set:
+  "inception"    torchmetrics' Inception-v3 (torch-fidelity weights), used when the weights
+                 file is already on disk; nothing here ever downloads it.
+  "random-conv"  a fixed random conv net, built from a fixed seed: works offline, anywhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FEATURE_SETS = ("inception", "random-conv")
+# torch-fidelity 0.2-0.4 fetch this file with torch.hub.load_state_dict_from_url, which reads
+# <torch.hub.get_dir()>/checkpoints/<file name> when it exists and downloads it otherwise.
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+_CHUNK = 256  # images per feature-extractor call: bounds memory, results do not depend on it
+
+
+def inception_weights_path() -> str:
+    """Where torch-fidelity looks for the Inception weights: $TORCH_HOME/hub/checkpoints/...
+    ($TORCH_HOME defaults to ${XDG_CACHE_HOME:-~/.cache}/torch; torch.hub.set_dir overrides)."""
+    try:  # follow torch-fidelity if it is installed and ever renames the file
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        name = os.path.basename(URL_INCEPTION_V3)
+    except Exception:
+        name = INCEPTION_WEIGHTS_FILE
+    return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
+
+def _inception_problem() -> str | None:
+    """Why the Inception feature set cannot be built offline, or None if it can. No network."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not bool(_TORCH_FIDELITY_AVAILABLE):
+        return "torch-fidelity is not installed (pip install --no-deps torch-fidelity, see docs/metrics.md)"
+    try:  # torch-fidelity imports torchvision and tqdm at package import
+        import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401
+    except Exception as exc:
+        return f"torch-fidelity is installed but does not import: {exc!r}"
+    path = inception_weights_path()
+    if not (os.path.isfile(path) and os.path.getsize(path) > 0):
+        return f"Inception weights not found at {path} (it would be downloaded from {INCEPTION_WEIGHTS_URL})"
+    return None
+
+
+def feature_set(name: str = "auto") -> str:
+    """Resolve the KID feature set: 'auto' -> 'inception' if usable offline, else 'random-conv'."""
+    if name == "auto":
+        return "inception" if _inception_problem() is None else "random-conv"
+    if name not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {name!r}; expected 'auto' or one of {FEATURE_SETS}")
+    if name == "inception":
+        problem = _inception_problem()
+        if problem is not None:
+            raise RuntimeError(f"feature set 'inception' unavailable: {problem}")
+    return name
+
+
+class RandomConvFeatures(nn.Module):
+    """Offline KID features: three fixed random conv layers (He-scaled, ReLU), pooled on a grid.
+
+    Weights come from a private generator seeded with `seed`, so the network is identical in every
+    process and never touches the global RNG. Spatial grid pooling (not only a global average) keeps
+    it sensitive to where strokes are, e.g. to shifts. Input: float in [-1, 1] or uint8 in [0, 255],
+    1 or 3 channels, any size; output [N, widths[-1] * grid**2] (default 1024).
+    """
+
+    def __init__(self, size: int = 32, widths=(16, 32, 64), grid: int = 4, seed: int = 0):
+        super().__init__()
+        self.size, self.grid = size, grid
+        g = torch.Generator().manual_seed(seed)
+        self.strides = (1,) + (2,) * (len(widths) - 1)
+        cin = 3
+        for i, cout in enumerate(widths):
+            w = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2.0 / (cin * 9))
+            b = torch.randn(cout, generator=g) * 0.1  # small bias: a flat -1 background is not all-zero
+            self.register_buffer(f"w{i}", w)
+            self.register_buffer(f"b{i}", b)
+            cin = cout
+        self.num_features = cin * grid * grid
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float().clamp(-1, 1)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
+        x = x.to(self.w0.device).expand(-1, 3, -1, -1)  # gray -> 3 identical channels
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        for i, stride in enumerate(self.strides):
+            x = F.relu(F.conv2d(x, getattr(self, f"w{i}"), getattr(self, f"b{i}"), stride, 1))
+        return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
+
+
+def _to_uint8_rgb(x: Tensor) -> Tensor:
+    """[-1, 1] float -> uint8 RGB, the input torchmetrics' Inception expects (it resizes to 299)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
+        subset_size: int | None = None, seed: int = 0) -> dict:
+    """Kernel Inception Distance (unbiased MMD^2, cubic kernel) between two image sets.
+
+    Mean/std over `subsets` random subsets of `subset_size` images per side. `seed` only fixes the
+    subset draws (done in a forked RNG: the caller's global RNG state is left untouched); the
+    random-conv extractor is always the same network.
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    for name, t in (("real", real), ("fake", fake)):
+        if t.ndim != 4 or t.shape[1] not in (1, 3):
+            raise ValueError(f"{name}: expected [N, 1 or 3, H, W] images, got {tuple(t.shape)}")
+    fs = feature_set(features)
+    n_real, n_fake = real.shape[0], fake.shape[0]
+    if subset_size is None:
+        subset_size = min(n_real, n_fake, 1000)
+    if subset_size < 2:
+        raise ValueError(f"KID needs subset_size >= 2 (got {subset_size}; n_real={n_real}, n_fake={n_fake})")
+    if subset_size > min(n_real, n_fake):
+        raise ValueError(f"subset_size {subset_size} > number of images (n_real={n_real}, n_fake={n_fake})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        if fs == "inception":
+            metric = KernelInceptionDistance(feature=2048, subsets=subsets, subset_size=subset_size)
+            prep = _to_uint8_rgb
+        else:
+            metric = KernelInceptionDistance(feature=RandomConvFeatures(), subsets=subsets,
+                                             subset_size=subset_size)
+            prep = lambda x: x  # noqa: E731  (the extractor takes [-1, 1] directly)
+    with torch.no_grad():
+        for imgs, is_real in ((real, True), (fake, False)):
+            for i in range(0, imgs.shape[0], _CHUNK):
+                metric.update(prep(imgs[i:i + _CHUNK].detach().cpu()), real=is_real)
+        # torchmetrics draws subsets with torch.randperm on the global CPU generator: seed it inside
+        # a fork (only the CPU one, so a caller's CUDA RNG is not reseeded either)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            mean, std = metric.compute()
+    return {"mean": float(mean), "std": float(std), "features": fs,
+            "n_real": int(n_real), "n_fake": int(n_fake)}
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"expected two [N, C, H, W] tensors of the same shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image mean squared error, shape [N]."""
+    _check_pair(a, b)
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1).to(torch.float32)
+
+
+def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-image PSNR in dB, shape [N]; inf for identical images. data_range 2 = width of [-1, 1]."""
+    err = mse(a, b).double()
+    return (10 * torch.log10(data_range ** 2 / err)).to(torch.float32)  # x/0 -> inf
+
+
+def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-image SSIM, shape [N] (torchmetrics, gaussian window, sigma 1.5 -> 11x11).
+
+    torchmetrics sizes the gaussian window from sigma (2*int(3.5*sigma+0.5)+1), so for images smaller
+    than 11 px the window is shrunk by shrinking sigma in proportion to the largest odd size that fits.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(a, b)
+    side = min(a.shape[-2:])
+    k, sigma = 11, 1.5
+    if side < 11:
+        k = side if side % 2 else side - 1
+        if k < 3:
+            raise ValueError(f"SSIM needs images of at least 3x3, got {tuple(a.shape[-2:])}")
+        sigma = 1.5 * k / 11
+    # float64: SSIM of identical images comes out as 1 to ~1e-12, not ~1e-6
+    return structural_similarity_index_measure(
+        a.double(), b.double(), gaussian_kernel=True, sigma=sigma, kernel_size=k,
+        data_range=data_range, reduction="none").to(torch.float32)
+
+
+def _summary(est: Tensor, x0: Tensor) -> dict:
+    return {"mse": float(mse(est, x0).mean()), "psnr": float(psnr(est, x0).mean()),
+            "ssim": float(ssim(est, x0).mean())}
+
+
+def training_disclosure(x0: Tensor, x_k: Tensor, abar_k: float) -> dict:
+    """How well the server can reconstruct x0 from x_k = sqrt(abar_k) x0 + sqrt(1-abar_k) eps_c.
+
+    The server sees x_k exactly but never eps_c. Two estimates:
+      rescale  x_k / sqrt(abar_k)                      analytic MSE (1-abar)/abar
+      wiener   linear MMSE with the batch pixel mean mu and variance var as prior, clamped to [-1, 1];
+               unclamped analytic MSE var(1-abar)/(abar var + 1 - abar). The server could estimate
+               mu and var from x_k alone (mean(x_k)/sqrt(abar), (var(x_k)-(1-abar))/abar).
+    mse/psnr/ssim are means over images for the better (lower measured MSE) estimate.
+    """
+    _check_pair(x0, x_k)
+    a = float(abar_k)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"abar_k must be in [0, 1], got {abar_k}")
+    x0d, xkd = x0.double(), x_k.double()
+    mu, var = float(x0d.mean()), float(x0d.var(unbiased=False))
+    gain = math.sqrt(a) * var / (a * var + 1 - a) if (a * var + 1 - a) > 0 else 0.0
+    wiener = (mu + gain * (xkd - math.sqrt(a) * mu)).clamp(-1, 1)
+    out = {"abar_k": a, "prior_mean": mu, "prior_var": var,
+           "floor_mse": {"rescale": (1 - a) / a if a > 0 else math.inf,
+                         "wiener": var * (1 - a) / (a * var + 1 - a) if (a * var + 1 - a) > 0 else 0.0}}
+    cands = {"wiener": wiener}
+    if a > 0:  # abar = 0 (pure noise): no rescale estimate exists
+        cands["rescale"] = xkd / math.sqrt(a)
+    measured = {k: float(mse(v, x0d).mean()) for k, v in cands.items()}
+    out["mse_wiener"] = measured["wiener"]
+    out["mse_rescale"] = measured.get("rescale", math.inf)
+    best = min(measured, key=measured.get)
+    out["estimator"] = best
+    out.update(_summary(cands[best], x0d))
+    return out
+
+
+def sampling_disclosure(server_view: Tensor, final: Tensor) -> dict:
+    """The CollaFuse paper's measure: similarity of the server's intermediate x_k to the client's
+    final sample made from it (lower MSE / higher SSIM = the server saw more of the result)."""
+    _check_pair(server_view, final)
+    return {"mse": float(mse(server_view, final).mean()),
+            "ssim": float(ssim(server_view, final).mean()),
+            "n": int(final.shape[0])}

@@ -1,0 +1,84 @@
+"""Rank 0's bookkeeping: what goes into the results file at the start and at the end of a run."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+
+from .harness import PHASES
+from .results import ResultsWriter
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions(tp) -> dict:
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "mpi_library": tp.library(), "cuda": torch.version.cuda or "", "platform": platform.platform()}
+    try:
+        import mpi4py
+        out["mpi4py"] = mpi4py.__version__
+    except ImportError:
+        out["mpi4py"] = ""
+    return out
+
+
+def begin(cfg, tp, ks):
+    writer = ResultsWriter(cfg.run.output, cfg.run.if_exists)
+    name = cfg.run.run_name or f"cut{cfg.diffusion.cut:g}-n{tp.size - 1}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    meta = {"start_time": _now(), "versions": versions(tp), "git_commit": _git_commit(),
+            "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
+            "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
+            "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
+            "timing_mode": cfg.run.timing, "phases": list(PHASES), "command": " ".join(sys.argv)}
+    name = writer.begin_run(name, cfg.to_dict(), meta)
+    return writer, name
+
+
+def _comm_table(rows) -> dict:
+    if not rows:
+        return {}
+    d, k, p, b, c = zip(*rows)
+    return {"direction": np.array(d), "kind": np.array(k), "peer": np.array(p, dtype=np.int64),
+            "bytes": np.array(b, dtype=np.int64), "messages": np.array(c, dtype=np.int64)}
+
+
+def finish(writer, name, everyone, cfg, progress: bool):
+    from .energy import owners
+    keys = [r["energy_device"] for r in everyone]
+    own = owners(keys)
+    for r, o in zip(everyone, own):
+        attrs = {"role": r["role"], "host": r["host"], "device": r["device"], "k": r["k"],
+                 "energy_source": r["energy_source"], "energy_device": r["energy_device"],
+                 "energy_owner": bool(o), "transport_path": r["path"],
+                 "device_info": r.get("device_info", {}), "n_train": r.get("n_train", 0),
+                 "n_heldout": r.get("n_heldout", 0)}
+        arrays = dict(r["arrays"])
+        arrays["windows"] = r["windows"]
+        arrays["comm"] = _comm_table(r["comm"])
+        writer.write_rank(name, r["rank"], arrays, attrs)
+    metrics = {f"client_{r['rank'] - 1}": r["metrics"] for r in everyone if r["role"] == "client"}
+    writer.write_group(name, "metrics", metrics)
+    writer.write_group(name, "samples", {f"client_{r['rank'] - 1}": r["samples"]
+                                         for r in everyone if r["role"] == "client"})
+    writer.update_run(name, status="complete", end_time=_now(),
+                      hosts=[r["host"] for r in everyone],
+                      rank_device_map=[r["device"] for r in everyone])
+    if progress or True:
+        print(f"collafuse_mpi: results in {os.path.abspath(cfg.run.output)} (run {name})\n"
+              f"  plot them with: collafuse-plot {cfg.run.output}", flush=True)

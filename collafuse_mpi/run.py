@@ -1,0 +1,263 @@
+"""Entry point: `mpirun -n N python -m collafuse_mpi.run --cut 0.4` (rank 0 server, 1..N-1 clients).
+
+`execute()` runs one rank's role on any transport; `main()` is the MPI command line and
+`run_loopback()` runs every role as a thread of one process (same numbers, no MPI).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import click
+
+from . import config as cfgmod
+from .config import ConfigError
+
+
+class Abort(SystemExit):
+    """Every rank leaves with this code; the message was printed once, on rank 0."""
+
+
+def _log(rank: int, msg: str, file=sys.stderr):
+    print(f"[{rank}@{socket.gethostname()}] {msg}", file=file, flush=True)
+
+
+def check(cfg, tp) -> None:
+    """Validate on rank 0 (config and data size), then every rank learns the verdict."""
+    problem = None
+    if tp.rank == 0:
+        try:
+            cfgmod.validate(cfg, tp.size)
+            from .data import count_images
+            n_clients = tp.size - 1
+            n = count_images(cfg.data)
+            if cfg.data.max_images:
+                n = min(n, cfg.data.max_images)
+            if n < 2 * n_clients:
+                raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
+                                  "(each needs at least one training and one held-out image)")
+        except (ConfigError, ValueError) as exc:
+            problem = str(exc)
+    problem = tp.bcast_obj(problem)
+    if problem:
+        if tp.rank == 0:
+            print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
+        raise Abort(2)
+
+
+def execute(cfg, tp, progress: bool = False) -> dict:
+    """Run this rank's role. Returns what this rank measured (rank 0 also writes the file)."""
+    import torch
+
+    from . import energy
+    from .harness import PhaseTimer
+    from .training import pick_device, sync_fn
+
+    check(cfg, tp)
+    torch.set_num_threads(cfg.run.torch_threads)
+    n_clients = tp.size - 1
+    ks = cfg.cut_steps(n_clients)
+    device = pick_device(cfg.run.device, tp.local_rank)
+    meter = energy.open_meter(device.index if device.type == "cuda" else None)
+    offset = tp.clock_offset()
+    timer = PhaseTimer(cfg.run.timing, sync_fn(device), meter, offset)
+    writer, run_name = None, None
+    if tp.rank == 0:
+        from .report import begin
+        writer, run_name = begin(cfg, tp, ks)
+    tp.barrier()
+    mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
+            "energy_source": meter.source, "energy_device": meter.device_key,
+            "path": tp.path(device), "metrics": {}, "samples": {}}
+    if device.type == "cuda":
+        mine["device_info"] = energy.device_info(device.index)
+    if tp.rank == 0:
+        role = _server_role(cfg, tp, ks, device, timer, progress)
+    else:
+        role = _client_role(cfg, tp, ks, device, timer, mine)
+    meter.close()
+    mine.update(role=role, k=ks[tp.rank - 1] if tp.rank else -1, arrays=timer.arrays(),
+                windows=timer.windows, comm=tp.stats.rows())
+    everyone = tp.gather_obj(mine)
+    if tp.rank == 0:
+        from .report import finish
+        finish(writer, run_name, everyone, cfg, progress)
+    return mine
+
+
+def _server_role(cfg, tp, ks, device, timer, progress):
+    from .server import Server
+    server = Server(cfg, tp, ks, device, timer)
+    bar = Progress(cfg.train.steps, progress and bool(server.senders))
+    with timer.window("train"):
+        server.train(on_step=bar.update)
+    bar.close()
+    with timer.window("sample"):
+        server.serve_samples()
+    return "server"
+
+
+def _client_role(cfg, tp, ks, device, timer, mine):
+    from .client import Client
+    from .data import client_data
+    from .evaluate import evaluate_client
+    index = tp.rank - 1
+    with timer.window("data_load"):
+        data = client_data(cfg, index, tp.size - 1)
+    client = Client(cfg, tp, index, ks[index], device, timer, data)
+    with timer.window("train"):
+        client.train()
+    with timer.window("sample"):
+        final, view = client.sample()
+    with timer.window("metrics"), timer.loose("metrics"):
+        mine["metrics"] = evaluate_client(client, final, view)
+    mine["samples"] = client.sample_arrays(final, view)
+    mine["n_train"], mine["n_heldout"] = len(data.train), len(data.heldout)
+    return "client"
+
+
+class Progress:
+    """One line on rank 0: step, loss, images/s; only on a terminal and without --quiet."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float):
+        if not self.enabled:
+            return
+        rate = (step + 1) / max(time.perf_counter() - self.t0, 1e-9)
+        sys.stderr.write(f"\rstep {step + 1}/{self.total}  server loss {loss:.4f}  {rate:.1f} steps/s ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def run_loopback(cfg, n_clients: int) -> list[dict]:
+    """All roles as threads of this process over LoopbackTransport; returns each rank's dict."""
+    from .comm import LoopbackTransport
+    tps = LoopbackTransport.group(n_clients + 1)
+    out, errors = [None] * len(tps), []
+
+    def work(tp):
+        try:
+            out[tp.rank] = execute(cfg, tp)
+        except BaseException as exc:  # noqa: BLE001 -- reported to the caller below
+            errors.append((tp.rank, exc))
+            tp._barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(tp,)) for tp in tps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        rank, exc = sorted(errors, key=lambda e: isinstance(e[1], threading.BrokenBarrierError))[0]
+        raise RuntimeError(f"rank {rank} failed: {exc!r}") from exc
+    return out
+
+
+OPTIONS = [  # (flag, config key, help)
+    ("--cut", "diffusion.cut", "Client's share of the chain c in [0,1]: k = round(c*T); 1 = purely local, 0 = purely central."),
+    ("--client-cuts", "diffusion.client_cuts", "Per-client cuts, comma-separated, one per client (heterogeneous cuts)."),
+    ("--timesteps", "diffusion.timesteps", "Chain length T."),
+    ("--schedule", "diffusion.schedule", "Noise schedule: linear or cosine."),
+    ("--sampler", "diffusion.sampler", "ddpm or ddim."),
+    ("--sample-steps", "diffusion.sample_steps", "DDIM steps over the whole chain."),
+    ("--steps", "train.steps", "Training steps per client."),
+    ("--batch-size", "train.batch_size", "Images per client per step."),
+    ("--lr", "train.lr", "Learning rate."),
+    ("--samples-per-client", "sample.samples_per_client", "Images each client generates after training."),
+    ("--dataset", "data.dataset", "digits, shapes, npz or folder."),
+    ("--data-path", "data.path", "Data file (npz) or folder (folder)."),
+    ("--image-size", "data.image_size", "Image side in pixels."),
+    ("--channels", "data.channels", "1 or 3."),
+    ("--partition", "data.partition", "iid or dirichlet."),
+    ("--alpha", "data.alpha", "Dirichlet alpha for the non-IID partition."),
+    ("--preset", "model.preset", "UNet size: tiny, small or base."),
+    ("--seed", "run.seed", "Run seed (each rank derives its own)."),
+    ("--device", "run.device", "auto, cpu or cuda."),
+    ("--output", "run.output", "HDF5 results file."),
+    ("--run-name", "run.run_name", "Name of the run group in the results file."),
+    ("--timing", "run.timing", "attribution or throughput."),
+    ("--cuda-aware", "run.cuda_aware", "Pass CUDA tensors to MPI directly: auto, yes or no."),
+]
+
+
+def _options(fn):
+    for flag, key, text in reversed(OPTIONS):
+        names = [flag, "-o"] if flag == "--output" else [flag]
+        fn = click.option(*names, key.replace(".", "__"), default=None, metavar="VALUE",
+                          help=f"{text} [config {key}]")(fn)
+    return fn
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", default=None, metavar="FILE", help="TOML config file (sections as in --help-config).")
+@_options
+@click.option("--append", "if_exists", flag_value="append", help="Add a run group to an existing results file.")
+@click.option("--overwrite", "if_exists", flag_value="overwrite", help="Replace an existing results file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config field.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
+@click.option("--help-config", is_flag=True, help="List every config field with its default and meaning.")
+def cli(config_path, if_exists, overrides, quiet, help_config, **values):
+    """Train and sample a CollaFuse split diffusion model over MPI.
+
+    Rank 0 is the server (t = k+1..T), ranks 1..N are clients (t = 1..k), with
+    k = round(cut * T). Launch with, for example:
+
+        mpirun -n 3 python -m collafuse_mpi.run --cut 0.4
+    """
+    if help_config:
+        click.echo(cfgmod.describe())
+        return
+    from .comm import MPITransport
+    tp = None
+    try:
+        try:
+            cfg = cfgmod.load(config_path)
+            for key, raw in values.items():
+                if raw is not None:
+                    cfgmod.set_value(cfg, key.replace("__", "."), raw)
+            for item in overrides:
+                key, sep, raw = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"--set {item!r} must look like section.key=value")
+                cfgmod.set_value(cfg, key.strip(), raw.strip())
+            if if_exists:
+                cfg.run.if_exists = if_exists
+            if quiet:
+                cfg.run.quiet = True
+            problem = None
+        except ConfigError as exc:
+            cfg, problem = cfgmod.Config(), str(exc)
+        tp = MPITransport(cuda_aware=cfg.run.cuda_aware if cfg.run.cuda_aware in cfgmod.TRISTATE else "auto")
+        if problem:  # the same on every rank: report once
+            if tp.rank == 0:
+                print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
+            raise Abort(2)
+        execute(cfg, tp, progress=not cfg.run.quiet)
+    except Abort:
+        raise
+    except BaseException as exc:  # any failure on any rank ends the whole job, now
+        rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
+        _log(rank, f"FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        sys.stderr.flush()
+        if tp is not None and tp.size > 1:
+            tp.abort(1)
+        raise SystemExit(1)
+
+
+def main():
+    cli(prog_name="python -m collafuse_mpi.run")
+
+
+if __name__ == "__main__":
+    main()

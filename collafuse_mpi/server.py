@@ -1,0 +1,75 @@
+"""Server role: one shared denoiser for t = k+1..T, trained on what every client sends.
+
+It never holds client data: it receives (x_t, t, eps_s, k) built from a cut image whose noise
+stays on the client, and for sampling it sends back only the x_k it generated itself.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comm, schedule
+from .model import UNet
+from .training import Learner, derive_seed, generator, unpack_train
+
+
+class Server:
+    def __init__(self, cfg, transport, ks: list[int], device, timer):
+        self.cfg, self.tp, self.ks, self.device, self.timer = cfg, transport, ks, device, timer
+        self.T = cfg.diffusion.timesteps
+        self.sched = schedule.Schedule(self.T, cfg.diffusion.schedule)
+        self.senders = [i for i, k in enumerate(ks) if k < self.T]  # clients with a server part
+        c, s = cfg.data.channels, cfg.data.image_size
+        self.image_shape = (c, s, s)
+        torch.manual_seed(derive_seed(cfg.run.seed, 0, "init"))
+        self.learner = None
+        if self.senders:
+            model = UNet(c, cfg.model.preset, True, cfg.model.dropout).to(device)
+            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+
+    def receive_step(self):
+        """One batch from each sending client, fused in client order (deterministic)."""
+        xs, ts, ks, es = [], [], [], []
+        for i in self.senders:
+            with self.timer.phase("wait"):
+                self.tp.probe(i + 1, comm.TRAIN)
+            with self.timer.phase("recv"):
+                info, payload = self.tp.recv(i + 1, comm.TRAIN, self.device)
+            x_t, eps_s, t = unpack_train(payload, self.image_shape)
+            xs.append(x_t)
+            es.append(eps_s)
+            ts.append(t)
+            ks.append(torch.full_like(t, info["meta"]))
+        return torch.cat(xs), torch.cat(ts), torch.cat(ks), torch.cat(es)
+
+    def train(self, on_step=None):
+        if not self.senders:
+            return
+        timer = self.timer
+        for step in range(self.cfg.train.steps):
+            timer.start_step(step, step < self.cfg.train.warmup_steps)
+            x_t, t, k, eps_s = self.receive_step()
+            loss = float(self.learner.step(timer, eps_s, x_t, t, k))
+            timer.end_step(loss, x_t.shape[0])
+            if on_step:
+                on_step(step, loss)
+
+    @torch.no_grad()
+    def serve_samples(self):
+        """Answer each sending client's request: run T..k+1 and send x_k back."""
+        d = self.cfg.diffusion
+        model = self.learner.ema.model if self.learner else None
+        for i in self.senders:
+            with self.timer.phase("wait"):
+                self.tp.probe(i + 1, comm.SAMPLE_REQUEST)
+            with self.timer.phase("recv"):
+                info, req = self.tp.recv(i + 1, comm.SAMPLE_REQUEST)
+            k, n = info["meta"], int(req[0])
+            gen = generator(derive_seed(self.cfg.run.seed, 0, "sample", i))
+            x = torch.randn((n, *self.image_shape), generator=gen).to(self.device)
+            kk = torch.full((n,), k, dtype=torch.long, device=self.device)
+            pairs = schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")
+            with self.timer.phase("sample"):
+                x = schedule.run_chain(self.sched, lambda x, t: model(x, t, kk), x, k, pairs,
+                                       d.sampler, gen, clip=(k == 0))
+            with self.timer.phase("send"):
+                self.tp.send(i + 1, comm.CUT, i, -1, x.contiguous(), meta=k)

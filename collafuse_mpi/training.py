@@ -1,0 +1,77 @@
+"""What server and client share: seeds, devices, the optimiser step, the train message layout."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+PURPOSES = {"init": 0, "data": 1, "noise": 2, "sample": 3, "metrics": 4}
+
+
+def derive_seed(run_seed: int, rank: int, purpose: str, extra: int = 0) -> int:
+    """One independent seed per (run, rank, purpose): ranks never share a random stream."""
+    ss = np.random.SeedSequence([run_seed, rank, PURPOSES[purpose], extra])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """auto: local rank -> GPU (round robin when ranks outnumber GPUs), else CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but no CUDA device is visible")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def sync_fn(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+class Learner:
+    """A model with its optimiser, EMA and gradient clipping; timed in phases."""
+
+    def __init__(self, model, lr: float, ema_decay: float, grad_clip: float):
+        from .model import EMA
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.ema = EMA(model, ema_decay)
+        self.grad_clip = grad_clip
+
+    def step(self, timer, eps, *inputs) -> float:
+        with timer.phase("forward"):
+            loss = F.mse_loss(self.model(*inputs), eps)
+        with timer.phase("backward"):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer.phase("optimizer"):
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            self.ema.update(self.model)
+        return loss.detach()
+
+
+def pack_train(x_t: torch.Tensor, eps_s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One contiguous float32 row per image: x_t, eps_s, t (exact in float32 for t < 2**24)."""
+    b = x_t.shape[0]
+    return torch.cat([x_t.reshape(b, -1), eps_s.reshape(b, -1), t.to(x_t.dtype).view(b, 1)], 1).contiguous()
+
+
+def unpack_train(payload: torch.Tensor, image_shape: tuple):
+    b = payload.shape[0]
+    d = int(np.prod(image_shape))
+    x_t = payload[:, :d].reshape(b, *image_shape)
+    eps_s = payload[:, d:2 * d].reshape(b, *image_shape)
+    t = payload[:, 2 * d].round().long()
+    return x_t, eps_s, t
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images to uint8 for grids in the results file."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -1,0 +1,209 @@
+"""Tests for collafuse_mpi.metrics (CPU only, offline, ~10 s)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from collafuse_mpi import metrics as M
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn digits (8x8, 0..16) -> [-1, 1], upsampled to 16x16, in a fixed random order."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 8 - 1
+    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(-1, 1)
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.fixture(scope="module")
+def halves(digits):
+    return digits[:898], digits[898:1796]
+
+
+@pytest.fixture
+def no_inception(monkeypatch, tmp_path):
+    """An empty torch hub cache: the Inception weights cannot be there, whatever is installed."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case someone called torch.hub.set_dir
+    return tmp_path
+
+
+# ---------------------------------------------------------------- KID, offline feature set
+
+def test_kid_real_vs_real_near_zero_and_far_below_distortions(halves, no_inception):
+    a, b = halves
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(b.shape, generator=g).clamp(-1, 1)
+    blurred = F.avg_pool2d(F.pad(b, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    shifted = torch.roll(b, shifts=(2, 2), dims=(2, 3))
+    kw = dict(subsets=5, subset_size=500, seed=0)
+    real = M.kid(a, b, **kw)
+    assert real["features"] == "random-conv"
+    assert (real["n_real"], real["n_fake"]) == (898, 898)
+    assert abs(real["mean"]) < 5e-4
+    for name, fake in (("noise", noise), ("blurred", blurred), ("shifted", shifted)):
+        r = M.kid(a, fake, **kw)
+        assert r["mean"] > 20 * max(abs(real["mean"]), 1e-5), (name, r, real)
+        assert r["mean"] > 3 * r["std"], (name, r)
+    # a gross distortion must score worse than a mild one
+    assert M.kid(a, noise, **kw)["mean"] > M.kid(a, blurred, **kw)["mean"]
+
+
+def test_kid_deterministic_for_seed_and_leaves_global_rng_alone(halves):
+    a, b = halves
+    kw = dict(features="random-conv", subsets=4, subset_size=100)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    r1 = M.kid(a, b, seed=7, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # caller's RNG untouched
+    torch.manual_seed(999)  # a different global state must not matter
+    r2 = M.kid(a, b, seed=7, **kw)
+    assert r1 == r2
+    r3 = M.kid(a, b, seed=8, **kw)  # the seed really drives the subset draws
+    assert r3["mean"] != r1["mean"]
+
+
+def test_kid_subset_size_checks(halves):
+    a, b = halves
+    assert M.kid(a[:30], b[:20], features="random-conv", subsets=2)["n_fake"] == 20  # default 20
+    with pytest.raises(ValueError):
+        M.kid(a[:1], b[:5], features="random-conv")  # default subset_size 1 < 2
+    with pytest.raises(ValueError):
+        M.kid(a[:10], b[:10], features="random-conv", subset_size=11)
+    with pytest.raises(ValueError):
+        M.kid(a[:10, 0], b[:10, 0], features="random-conv")  # not [N, C, H, W]
+
+
+def test_feature_set_auto_falls_back_offline(halves, no_inception):
+    assert M.feature_set("auto") == "random-conv"
+    assert M.feature_set("random-conv") == "random-conv"
+    with pytest.raises(RuntimeError, match="inception"):
+        M.feature_set("inception")
+    with pytest.raises(ValueError):
+        M.feature_set("vgg")
+    a, b = halves
+    assert M.kid(a[:40], b[:40], subsets=2)["features"] == "random-conv"
+
+
+def test_inception_weights_path_follows_torch_home(no_inception):
+    expected = os.path.join(str(no_inception), "hub", "checkpoints", M.INCEPTION_WEIGHTS_FILE)
+    assert M.inception_weights_path() == expected
+    assert M.inception_weights_path() == os.path.join(torch.hub.get_dir(), "checkpoints",
+                                                      M.INCEPTION_WEIGHTS_FILE)
+
+
+def test_random_conv_features_inputs(digits):
+    torch.manual_seed(1)
+    f1 = M.RandomConvFeatures()
+    torch.manual_seed(2)
+    f2 = M.RandomConvFeatures()
+    x = digits[:16]
+    out = f1(x)
+    assert out.shape == (16, f1.num_features) and 256 <= f1.num_features <= 2048
+    assert torch.equal(out, f2(x))  # weights do not depend on the global RNG
+    assert torch.allclose(f1(x.expand(-1, 3, -1, -1)), out)  # gray == identical RGB channels
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    assert torch.allclose(f1(u8), out, atol=2e-2 * out.abs().max().item())  # uint8 path, same scale
+    for size in (8, 64):
+        assert f1(F.interpolate(x, size=size, mode="bilinear")).shape == out.shape
+    with pytest.raises(ValueError):
+        f1(torch.zeros(2, 2, 16, 16))
+
+
+_INCEPTION_PROBLEM = M._inception_problem()
+
+
+@pytest.mark.skipif(_INCEPTION_PROBLEM is not None,
+                    reason=f"Inception feature set unavailable offline: {_INCEPTION_PROBLEM}")
+def test_kid_inception_runs(halves):
+    a, b = halves
+    assert M.feature_set("auto") == "inception"
+    r = M.kid(a[:12], b[:12], features="inception", subsets=2, subset_size=10)
+    assert r["features"] == "inception" and math.isfinite(r["mean"])
+
+
+# ---------------------------------------------------------------- MSE / PSNR / SSIM
+
+@pytest.mark.parametrize("shape", [(4, 1, 8, 8), (4, 3, 16, 16), (2, 3, 64, 64)])
+def test_identical_images(shape):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(M.mse(x, x), torch.zeros(shape[0]))
+    assert torch.isinf(M.psnr(x, x)).all() and (M.psnr(x, x) > 0).all()
+    s = M.ssim(x, x)
+    assert s.shape == (shape[0],)
+    assert torch.allclose(s, torch.ones(shape[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_noisy_images_known_psnr(size):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, size, size, generator=g) - 0.5
+    sign = torch.randint(0, 2, x.shape, generator=g).float() * 2 - 1
+    prev = 1.0
+    for sigma in (0.05, 0.1, 0.3):
+        y = x + sigma * sign  # every pixel off by exactly sigma: MSE = sigma^2
+        assert torch.allclose(M.mse(x, y), torch.full((6,), sigma ** 2), rtol=1e-5)
+        expected = 10 * math.log10(2.0 ** 2 / sigma ** 2)
+        assert torch.allclose(M.psnr(x, y), torch.full((6,), expected), atol=1e-3)
+        s = M.ssim(x, y)
+        assert (s < prev).all() and (s > -1).all()
+        prev = s.max().item()
+
+
+def test_ssim_matches_torchmetrics_default_on_16px():
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    ref = tm_ssim(y.double(), x.double(), data_range=2.0, reduction="none").float()
+    assert torch.allclose(M.ssim(y, x), ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------- disclosure
+
+def _forward(x0, abar, seed=0):
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
+
+
+def test_training_disclosure_matches_analytic_floor(digits):
+    x0 = digits[:256]  # 65536 pixels: the rescale MSE is within ~1% of its expectation
+    prev = None
+    for abar in (0.95, 0.7, 0.4, 0.1):
+        r = M.training_disclosure(x0, _forward(x0, abar), abar)
+        floor = r["floor_mse"]
+        assert abs(r["mse_rescale"] / floor["rescale"] - 1) < 0.04, r
+        assert floor["rescale"] == pytest.approx((1 - abar) / abar)
+        assert floor["wiener"] < floor["rescale"]
+        assert r["mse_wiener"] <= r["mse_rescale"]
+        assert r["mse_wiener"] <= 1.04 * floor["wiener"]  # clamping only helps
+        assert r["estimator"] == "wiener" and r["mse"] == pytest.approx(r["mse_wiener"], rel=1e-6)
+        if prev is not None:  # less signal in x_k: less disclosure
+            assert r["mse"] > prev["mse"] and r["psnr"] < prev["psnr"] and r["ssim"] < prev["ssim"]
+        prev = r
+
+
+def test_training_disclosure_edge_cases(digits):
+    x0 = digits[:64]
+    r = M.training_disclosure(x0, x0.clone(), 1.0)  # k = 0: the server sees x0
+    assert r["mse"] == 0 and math.isinf(r["psnr"]) and r["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert r["floor_mse"] == {"rescale": 0.0, "wiener": 0.0}
+    r = M.training_disclosure(x0, _forward(x0, 0.0), 0.0)  # pure noise: best guess is the prior mean
+    assert math.isinf(r["mse_rescale"]) and r["estimator"] == "wiener"
+    assert r["mse"] == pytest.approx(r["prior_var"], rel=1e-4)
+    with pytest.raises(ValueError):
+        M.training_disclosure(x0, x0, 1.5)
+
+
+def test_sampling_disclosure(digits):
+    final = digits[:32]
+    same = M.sampling_disclosure(final, final)
+    assert same["mse"] == 0 and same["ssim"] == pytest.approx(1.0, abs=1e-6) and same["n"] == 32
+    near = M.sampling_disclosure(_forward(final, 0.9), final)
+    far = M.sampling_disclosure(_forward(final, 0.2), final)
+    assert 0 < near["mse"] < far["mse"] and far["ssim"] < near["ssim"] < 1
