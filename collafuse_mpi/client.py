@@ -8,7 +8,7 @@ import torch
 from . import comm, schedule
 from .data import Batches
 from .model import UNet
-from .training import Learner, derive_seed, generator, pack_train, to_uint8
+from .training import Learner, derive_seed, generator, seeded, pack_train, to_uint8
 
 SERVER = 0
 
@@ -23,10 +23,10 @@ class Client:
         seed = cfg.run.seed
         self.noise_gen = generator(derive_seed(seed, self.rank, "noise"))
         self.batches = Batches(data.train, cfg.train.batch_size, derive_seed(seed, self.rank, "data"))
-        torch.manual_seed(derive_seed(seed, self.rank, "init"))
         self.learner = None
         if k >= 1:  # a client with k = 0 owns no timestep and trains nothing
-            model = UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout).to(device)
+            model = seeded(derive_seed(seed, self.rank, "init"),
+                           lambda: UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout)).to(device)
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
         self.last_batch = None  # (x0, message) of the last step, for the disclosure measure
 

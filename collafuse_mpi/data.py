@@ -34,28 +34,22 @@ class DataError(ValueError):
 # Pixel conversion helpers: everything passes through uint8 [N, C, S, S] before scaling to [-1, 1].
 
 def _to_float(u8: np.ndarray) -> np.ndarray:
-    return (u8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+    return u8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def _fit(im: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square (CelebA is 178x218), then bilinear resize to size x size."""
     w, h = im.size
+    s = min(w, h)
     if w != h:
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR)
-    return im
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
 
-def _pil_to_u8(im: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Any PIL image -> uint8 [C, size, size]; 16-bit/float images (MRI) are min-max scaled."""
+def _pil_to_u8(im: Image.Image, size: int, channels: int, where: str) -> np.ndarray:
+    """Any PIL image -> uint8 [C, size, size]; 16-bit/float images (MRI) go through _array_to_u8."""
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        im = Image.fromarray(np.round(a).astype(np.uint8))
+        im = Image.fromarray(_array_to_u8(np.asarray(im), where))
     elif im.mode == "P" or "transparency" in im.info:
         im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning; alpha is dropped next
     im = _fit(im.convert("L" if channels == 1 else "RGB"), size)
@@ -95,8 +89,7 @@ def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str) -> np.ndar
             a = ((w[..., 0] * 19595 + w[..., 1] * 38470 + w[..., 2] * 7471 + 0x8000) >> 16)[..., None].astype(np.uint8)
     if a.shape[1:3] != (size, size):
         a = np.stack([np.asarray(_fit(Image.fromarray(x[..., 0] if channels == 1 else x), size))
-                      .reshape(size, size, channels) for x in a]) if len(a) else \
-            np.empty((0, size, size, channels), np.uint8)
+                      .reshape(size, size, channels) for x in a])
     return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
 
 
@@ -110,7 +103,7 @@ def _digits(cfg: DataConfig):
 
     def fetch(idx):
         out = np.stack([np.asarray(Image.fromarray(imgs[i]).resize((cfg.image_size,) * 2, Image.BILINEAR))
-                        for i in idx]) if len(idx) else np.empty((0, cfg.image_size, cfg.image_size), np.float32)
+                        for i in idx])
         out = np.clip(out / 8.0 - 1.0, -1.0, 1.0).astype(np.float32)[:, None]
         return np.repeat(out, cfg.channels, axis=1) if cfg.channels == 3 else out
     return d.target.astype(np.int64), fetch
@@ -185,20 +178,32 @@ def _member(z, key: str, path: str) -> np.ndarray:
         raise DataError(f"{path}: cannot read {key} ({type(exc).__name__}: {exc})") from None
 
 
+def _npy_shape(zf: zipfile.ZipFile, key: str) -> tuple:
+    with zf.open(key + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(fh)[0]
+
+
 def _npz(cfg: DataConfig):
     path = cfg.path
     with _open_npz(path) as z:
+        keys = _npz_keys(z, path)
+        try:  # shapes from the .npy headers: indexing and counting never decompress pixels
+            with zipfile.ZipFile(path) as zf:
+                shapes = [_npy_shape(zf, k) for k, _ in keys]
+        except Exception:  # odd or damaged header: load the arrays, which names the problem
+            shapes = [_member(z, k, path).shape for k, _ in keys]
         parts, labels, start = [], [], 0
-        for img_key, lab_key in _npz_keys(z, path):
-            imgs = _member(z, img_key, path)
-            if imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[-1] not in (1, 3, 4)):
-                raise DataError(f"{path}: {img_key} has shape {imgs.shape}; expected [N,H,W] or [N,H,W,3]")
-            n = len(imgs)
+        for (img_key, lab_key), shape in zip(keys, shapes):
+            if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+                raise DataError(f"{path}: {img_key} has shape {shape}; expected [N,H,W] or [N,H,W,3]")
+            n = shape[0]
             lab = _member(z, lab_key, path) if lab_key in z.files else np.full(n, -1)
             if lab.shape[:1] != (n,):
                 raise DataError(f"{path}: {lab_key} has shape {lab.shape} but {img_key} has {n}")
             # [N,1] class ids -> [N]; multi-label [N,K] (ChestMNIST) has no single class -> -1
-            lab = lab.reshape(n, -1)[:, 0] if lab.ndim == 1 or lab.shape[1:] == (1,) else np.full(n, -1)
+            lab = lab if lab.ndim == 1 else lab[:, 0] if lab.shape[1:] == (1,) else np.full(n, -1)
             labels.append(lab.astype(np.int64))
             parts.append((img_key, start, n))
             start += n
@@ -247,7 +252,7 @@ def _folder(cfg: DataConfig):
             try:
                 with Image.open(files[i]) as im:
                     im.draft("L" if cfg.channels == 1 else "RGB", (cfg.image_size,) * 2)  # fast JPEG downscale
-                    out[j] = _pil_to_u8(im, cfg.image_size, cfg.channels)
+                    out[j] = _pil_to_u8(im, cfg.image_size, cfg.channels, files[i])
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise DataError(f"cannot read image {files[i]} ({type(exc).__name__}: {exc})") from None
         return _to_float(out)
@@ -280,35 +285,10 @@ def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return fetch(np.arange(len(labels))), labels
 
 
-def _npz_count(path: str) -> int:
-    """Image count from the .npy headers inside the zip, without decompressing pixels."""
-    with _open_npz(path) as z:
-        keys = _npz_keys(z, path)
-    try:
-        n = 0
-        with zipfile.ZipFile(path) as zf:
-            for img_key, _ in keys:
-                with zf.open(img_key + ".npy") as fh:
-                    version = np.lib.format.read_magic(fh)
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
-                    n += int(read(fh)[0][0])
-        return n
-    except Exception:  # odd header: the full index names the problem (or gets the count)
-        return len(_npz(DataConfig(dataset="npz", path=path))[0])
-
-
 def count_images(cfg: DataConfig) -> int:
-    """Number of images load_images would return, without decoding pixels where possible."""
-    if cfg.dataset == "shapes":
-        n = N_SHAPES_IMAGES
-    elif cfg.dataset == "folder":
-        n = len(_folder_files(cfg.path)[0])
-    elif cfg.dataset == "npz":
-        n = _npz_count(cfg.path)
-    else:
-        return len(_source(cfg)[0])  # digits: the labels are cheap and already capped
-    return min(n, cfg.max_images) if cfg.max_images else n
+    """Number of images load_images would return. Decodes no pixels: the folder is only listed,
+    the npz only has its .npy headers and label arrays read."""
+    return len(_source(cfg)[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import metrics, schedule
-from .training import derive_seed, unpack_train
+from .training import derive_seed, global_rng_lock, unpack_train
 
 
 def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
@@ -19,7 +19,8 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
     size = min(len(real), len(fake))
     if size >= 2:
         seed = derive_seed(client.cfg.run.seed, client.rank, "metrics") % (2**31)
-        out["kid"] = metrics.kid(real, fake, subsets=10, subset_size=size, seed=seed)
+        with global_rng_lock:  # kid seeds torch's global generator; loopback roles share it
+            out["kid"] = metrics.kid(real, fake, subsets=10, subset_size=size, seed=seed)
     if server_view is not None:
         abar_k = client.sched.abar[client.k].sqrt().item()
         # compare like with like: the server's view rescaled to image range vs the final sample

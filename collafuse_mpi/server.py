@@ -9,7 +9,7 @@ import torch
 
 from . import comm, schedule
 from .model import UNet
-from .training import Learner, derive_seed, generator, unpack_train
+from .training import Learner, derive_seed, generator, seeded, unpack_train
 
 
 class Server:
@@ -20,10 +20,10 @@ class Server:
         self.senders = [i for i, k in enumerate(ks) if k < self.T]  # clients with a server part
         c, s = cfg.data.channels, cfg.data.image_size
         self.image_shape = (c, s, s)
-        torch.manual_seed(derive_seed(cfg.run.seed, 0, "init"))
         self.learner = None
         if self.senders:
-            model = UNet(c, cfg.model.preset, True, cfg.model.dropout).to(device)
+            model = seeded(derive_seed(cfg.run.seed, 0, "init"),
+                           lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
 
     def receive_step(self):

@@ -1,6 +1,8 @@
 """What server and client share: seeds, devices, the optimiser step, the train message layout."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -18,6 +20,16 @@ def generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+global_rng_lock = threading.Lock()
+
+
+def seeded(seed: int, build):
+    """build() under torch's global seed; locked because loopback roles share one process."""
+    with global_rng_lock:
+        torch.manual_seed(seed)
+        return build()
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
