@@ -1,9 +1,9 @@
 """Datasets, client partitions, held-out splits and the training batch iterator.
 
 Every rank calls `client_data` with the same config and gets the same answer: the partition
-depends only on the labels and `run.seed`, never on the rank. Pixels are decoded only for the
-images a client owns, so a large folder (CelebA) is not decoded once per rank.
-Images come back float32 [N, C, H, W] in [-1, 1]; labels int64 [N] (-1 = unlabelled).
+depends only on the labels and `run.seed`, never on the rank. Labels are read first and pixels
+decoded only for the images a client owns, so a large folder (CelebA) is not decoded per rank.
+Images are float32 [N, C, H, W] in [-1, 1]; labels int64 [N] (-1 = unlabelled).
 """
 from __future__ import annotations
 
@@ -11,17 +11,21 @@ import os
 import zipfile
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .config import Config, DataConfig
 
+if TYPE_CHECKING:
+    import torch
+
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
 N_SHAPES_IMAGES = 2000
-SHAPES_SEED = 1234        # fixed: the shapes dataset is the same in every run
-SUBSET_SEED = 0x5EED      # fixed: max_images keeps the same images on every rank and client
-MIN_PER_CLIENT = 2        # one image to train on, one held out
+SHAPES_SEED = 1234      # fixed: the shapes dataset is the same in every run
+SUBSET_SEED = 0x5EED    # fixed: max_images keeps the same images on every rank and client
+MIN_PER_CLIENT = 2      # one image to train on, one held out
 NPZ_SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -30,8 +34,12 @@ class DataError(ValueError):
     """A dataset that cannot be loaded or split: the message names the file and the problem."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Pixel conversion helpers: everything passes through uint8 [N, C, S, S] before scaling to [-1, 1].
+def _rng(*seeds: int) -> np.random.Generator:
+    # masked to 64 bits: numpy refuses negative seeds, and the config allows any integer
+    return np.random.default_rng([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds])
+
+
+# ---- pixel conversion: everything passes through uint8 before scaling to [-1, 1] ----
 
 def _to_float(u8: np.ndarray) -> np.ndarray:
     return u8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -46,19 +54,8 @@ def _fit(im: Image.Image, size: int) -> Image.Image:
     return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
 
-def _pil_to_u8(im: Image.Image, size: int, channels: int, where: str) -> np.ndarray:
-    """Any PIL image -> uint8 [C, size, size]; 16-bit/float images (MRI) go through _array_to_u8."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        im = Image.fromarray(_array_to_u8(np.asarray(im), where))
-    elif im.mode == "P" or "transparency" in im.info:
-        im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning; alpha is dropped next
-    im = _fit(im.convert("L" if channels == 1 else "RGB"), size)
-    a = np.asarray(im, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
 def _array_to_u8(a: np.ndarray, where: str) -> np.ndarray:
-    """Numeric image array -> uint8: floats in [0, 1] are x255, values already in 0..255 are kept,
+    """Numeric array -> uint8: floats in [0, 1] are x255, values already in 0..255 are kept,
     anything else (e.g. 16-bit scans) is min-max scaled over the whole array."""
     if a.dtype == np.uint8:
         return a
@@ -74,72 +71,76 @@ def _array_to_u8(a: np.ndarray, where: str) -> np.ndarray:
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
+def _pil_to_u8(im: Image.Image, size: int, channels: int, where: str) -> np.ndarray:
+    """Any PIL image -> uint8 [C, size, size]."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):  # 16-bit / float (MRI slices)
+        im = Image.fromarray(_array_to_u8(np.asarray(im), where))
+    elif im.mode == "P" or "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids Pillow's palette-transparency warning; alpha dropped next
+    a = np.asarray(_fit(im.convert("L" if channels == 1 else "RGB"), size), dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
 def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str) -> np.ndarray:
-    """uint8-able [N,H,W] / [N,H,W,1|3|4] -> uint8 [N, C, size, size]; channels converted per cfg."""
+    """[N,H,W] or [N,H,W,1|3|4] -> uint8 [N, channels, size, size]."""
     a = _array_to_u8(a, where)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.shape[-1] == 4:
-        a = a[..., :3]  # drop alpha
+    a = a[..., None] if a.ndim == 3 else a[..., :3]  # alpha dropped
     if a.shape[-1] != channels:
         if channels == 3:
             a = np.repeat(a, 3, axis=-1)
         else:  # ITU-R 601 luma with PIL's integer rounding, so npz and folder images agree
             w = a.astype(np.uint32)
-            a = ((w[..., 0] * 19595 + w[..., 1] * 38470 + w[..., 2] * 7471 + 0x8000) >> 16)[..., None].astype(np.uint8)
+            luma = (w[..., 0] * 19595 + w[..., 1] * 38470 + w[..., 2] * 7471 + 0x8000) >> 16
+            a = luma[..., None].astype(np.uint8)
     if a.shape[1:3] != (size, size):
         a = np.stack([np.asarray(_fit(Image.fromarray(x[..., 0] if channels == 1 else x), size))
                       .reshape(size, size, channels) for x in a])
     return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: each returns (labels, fetch) where fetch(indices) decodes only those images.
+# ---- sources: each returns (labels, fetch); fetch(indices) decodes only those images ----
 
 def _digits(cfg: DataConfig):
     from sklearn.datasets import load_digits
     d = load_digits()
-    imgs = d.images.astype(np.float32)  # 8x8, values 0..16
+    imgs, side = d.images.astype(np.float32), (cfg.image_size, cfg.image_size)  # 8x8, 0..16
 
     def fetch(idx):
-        out = np.stack([np.asarray(Image.fromarray(imgs[i]).resize((cfg.image_size,) * 2, Image.BILINEAR))
+        out = np.stack([np.asarray(Image.fromarray(imgs[i]).resize(side, Image.BILINEAR))
                         for i in idx])
         out = np.clip(out / 8.0 - 1.0, -1.0, 1.0).astype(np.float32)[:, None]
-        return np.repeat(out, cfg.channels, axis=1) if cfg.channels == 3 else out
+        return np.repeat(out, cfg.channels, axis=1)
     return d.target.astype(np.int64), fetch
 
 
 def _shape_mask(kind: int, x, y, cx, cy, r):
-    dx, dy = x - cx, y - cy
+    dx, dy = abs(x - cx), y - cy
     if kind == 0:
         return dx * dx + dy * dy <= r * r
     if kind == 1:
-        return np.maximum(abs(dx), abs(dy)) <= 0.8 * r
+        return np.maximum(dx, abs(dy)) <= 0.8 * r
     if kind == 2:  # upward equilateral triangle inscribed in the circle of radius r
-        return (dy <= 0.5 * r) & (dy >= -r + np.sqrt(3.0) * abs(dx))
+        return (dy <= 0.5 * r) & (dy >= -r + np.sqrt(3.0) * dx)
     if kind == 3:
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
-    return ((abs(dx) <= 0.3 * r) & (abs(dy) <= r)) | ((abs(dy) <= 0.3 * r) & (abs(dx) <= r))
+    return ((dx <= 0.3 * r) & (abs(dy) <= r)) | ((abs(dy) <= 0.3 * r) & (dx <= r))
 
 
 def _shapes(cfg: DataConfig):
-    # All parameters drawn up front so that image i is the same whatever subset is rendered.
-    rng = np.random.default_rng(SHAPES_SEED)
-    n = N_SHAPES_IMAGES
+    # All parameters drawn up front, so image i is the same whatever subset is rendered.
+    rng, n, s, ss = _rng(SHAPES_SEED), N_SHAPES_IMAGES, cfg.image_size, 4  # ss: supersampling
     kinds = rng.integers(0, len(SHAPES), n)
     radius = rng.uniform(0.15, 0.35, n)
     cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
     colour = rng.uniform(0.3, 1.0, (n, 3))  # grayscale uses the first component as intensity
-    ss = 4  # supersampling for anti-aliased edges
-    s = cfg.image_size
-    grid = (np.arange(s * ss) + 0.5) / (s * ss)
-    x, y = np.meshgrid(grid, grid)
+    x, y = np.meshgrid(*[(np.arange(s * ss) + 0.5) / (s * ss)] * 2)
 
     def fetch(idx):
         out = np.empty((len(idx), cfg.channels, s, s), np.float32)
         for j, i in enumerate(idx):
-            cover = _shape_mask(kinds[i], x, y, cx[i], cy[i], radius[i]).reshape(s, ss, s, ss).mean((1, 3))
+            mask = _shape_mask(kinds[i], x, y, cx[i], cy[i], radius[i])
+            cover = mask.reshape(s, ss, s, ss).mean((1, 3))  # anti-aliased edges
             out[j] = -1.0 + 2.0 * cover[None] * colour[i, :cfg.channels, None, None]
         return out
     return kinds.astype(np.int64), fetch
@@ -151,24 +152,15 @@ def _open_npz(path: str):
     if not os.path.exists(path):
         raise DataError(f"npz file {path} does not exist")
     if os.path.isdir(path):
-        raise DataError(f"{path} is a folder, not an .npz file (use dataset folder for image folders)")
+        raise DataError(f"{path} is a folder, not an .npz file (use dataset folder for folders)")
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path} is not a readable .npz file "
+                        f"({type(exc).__name__}: {exc})") from None
     if not hasattr(z, "files"):
-        raise DataError(f"{path} holds a single .npy array, not an .npz archive with train_images etc.")
+        raise DataError(f"{path} holds a single .npy array, not an .npz archive (train_images ...)")
     return z
-
-
-def _npz_keys(z, path: str) -> list[tuple[str, str]]:
-    keys = [(f"{s}_images", f"{s}_labels") for s in NPZ_SPLITS if f"{s}_images" in z.files]
-    if not keys and "images" in z.files:
-        keys = [("images", "labels")]
-    if not keys:
-        raise DataError(f"{path} has none of the keys train_images, val_images, test_images or images "
-                        f"(found: {', '.join(z.files) or 'nothing'})")
-    return keys
 
 
 def _member(z, key: str, path: str) -> np.ndarray:
@@ -181,23 +173,29 @@ def _member(z, key: str, path: str) -> np.ndarray:
 def _npy_shape(zf: zipfile.ZipFile, key: str) -> tuple:
     with zf.open(key + ".npy") as fh:
         version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         return read(fh)[0]
 
 
 def _npz(cfg: DataConfig):
     path = cfg.path
     with _open_npz(path) as z:
-        keys = _npz_keys(z, path)
-        try:  # shapes from the .npy headers: indexing and counting never decompress pixels
+        keys = [(f"{s}_images", f"{s}_labels") for s in NPZ_SPLITS if f"{s}_images" in z.files]
+        keys = keys or ([("images", "labels")] if "images" in z.files else [])
+        if not keys:
+            raise DataError(f"{path} has none of the keys train_images, val_images, test_images, "
+                            f"images (found: {', '.join(z.files) or 'nothing'})")
+        try:  # shapes from the .npy headers: indexing and counting decompress no pixels
             with zipfile.ZipFile(path) as zf:
                 shapes = [_npy_shape(zf, k) for k, _ in keys]
-        except Exception:  # odd or damaged header: load the arrays, which names the problem
+        except Exception:  # odd or damaged header: loading the array names the problem
             shapes = [_member(z, k, path).shape for k, _ in keys]
         parts, labels, start = [], [], 0
         for (img_key, lab_key), shape in zip(keys, shapes):
             if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
-                raise DataError(f"{path}: {img_key} has shape {shape}; expected [N,H,W] or [N,H,W,3]")
+                raise DataError(f"{path}: {img_key} has shape {shape}; "
+                                "expected [N,H,W] or [N,H,W,3]")
             n = shape[0]
             lab = _member(z, lab_key, path) if lab_key in z.files else np.full(n, -1)
             if lab.shape[:1] != (n,):
@@ -213,11 +211,11 @@ def _npz(cfg: DataConfig):
     def fetch(idx):
         out = np.empty((len(idx), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
         with _open_npz(path) as z:
-            for key, first, n in parts:
+            for key, first, n in parts:  # one split in memory at a time
                 sel = np.nonzero((idx >= first) & (idx < first + n))[0]
-                if sel.size:  # one split in memory at a time
-                    out[sel] = _batch_to_u8(_member(z, key, path)[idx[sel] - first], cfg.image_size,
-                                            cfg.channels, f"{path}: {key}")
+                if sel.size:
+                    out[sel] = _batch_to_u8(_member(z, key, path)[idx[sel] - first],
+                                            cfg.image_size, cfg.channels, f"{path}: {key}")
         return _to_float(out)
     return np.concatenate(labels), fetch
 
@@ -226,57 +224,52 @@ def _folder_files(path: str) -> tuple[list[str], np.ndarray]:
     if not path:
         raise DataError("dataset folder needs data.path (a folder of PNG/JPG images)")
     if not os.path.isdir(path):
-        raise DataError(f"image folder {path} " + ("is a file, not a folder" if os.path.exists(path)
-                                                   else "does not exist"))
+        why = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise DataError(f"image folder {path} {why}")
     files, tops = [], []
     for dirpath, dirnames, names in os.walk(path):
         dirnames.sort()
         rel = os.path.relpath(dirpath, path)
         for name in sorted(names):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):  # skip ._x.jpg etc.
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):  # skips ._x.jpg
                 files.append(os.path.join(dirpath, name))
                 tops.append(None if rel == "." else rel.split(os.sep)[0])
     if not files:
         raise DataError(f"image folder {path} has no .png/.jpg/.jpeg images")
-    classes = sorted({t for t in tops if t is not None})
-    labels = np.array([-1 if t is None else classes.index(t) for t in tops], np.int64)
-    return files, labels
+    classes = {t: k for k, t in enumerate(sorted({t for t in tops if t is not None}))}
+    return files, np.array([classes.get(t, -1) for t in tops], np.int64)
 
 
 def _folder(cfg: DataConfig):
     files, labels = _folder_files(cfg.path)
+    mode, side = ("L" if cfg.channels == 1 else "RGB"), (cfg.image_size, cfg.image_size)
 
     def fetch(idx):
-        out = np.empty((len(idx), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
+        out = np.empty((len(idx), cfg.channels) + side, np.uint8)
         for j, i in enumerate(idx):
             try:
                 with Image.open(files[i]) as im:
-                    im.draft("L" if cfg.channels == 1 else "RGB", (cfg.image_size,) * 2)  # fast JPEG downscale
+                    im.draft(mode, side)  # JPEG: decode at reduced scale, much faster for CelebA
                     out[j] = _pil_to_u8(im, cfg.image_size, cfg.channels, files[i])
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                raise DataError(f"cannot read image {files[i]} ({type(exc).__name__}: {exc})") from None
+                raise DataError(f"cannot read image {files[i]} "
+                                f"({type(exc).__name__}: {exc})") from None
         return _to_float(out)
     return labels, fetch
 
 
 def _source(cfg: DataConfig):
+    """(labels, fetch) after max_images; fetch takes indices into those labels."""
     loaders = {"digits": _digits, "shapes": _shapes, "npz": _npz, "folder": _folder}
     if cfg.dataset not in loaders:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose {', '.join(loaders)}")
     if cfg.channels not in (1, 3):
         raise DataError(f"data.channels must be 1 or 3, got {cfg.channels!r}")
     labels, fetch = loaders[cfg.dataset](cfg)
-    keep = _subset(len(labels), cfg.max_images)
-    if keep is None:
-        return labels, lambda idx: fetch(np.asarray(idx, np.int64))
+    keep = np.arange(len(labels))
+    if 0 < cfg.max_images < len(labels):  # a fixed-seed random subset, kept in original order
+        keep = np.sort(_rng(SUBSET_SEED).permutation(len(labels))[:cfg.max_images])
     return labels[keep], lambda idx: fetch(keep[np.asarray(idx, np.int64)])
-
-
-def _subset(n: int, max_images: int):
-    """Indices kept by max_images: a fixed-seed random subset, in original order (None = all)."""
-    if not max_images or max_images >= n:
-        return None
-    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:max_images])
 
 
 def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -286,42 +279,42 @@ def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def count_images(cfg: DataConfig) -> int:
-    """Number of images load_images would return. Decodes no pixels: the folder is only listed,
-    the npz only has its .npy headers and label arrays read."""
+    """What load_images would return (after max_images), decoding no pixels: a folder is only
+    listed, an npz only has its .npy headers and label arrays read."""
     return len(_source(cfg)[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# Partitions and per-client data.
+# ---- partitions and per-client data ----
 
-def partition(labels: np.ndarray, n_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+def partition(labels: np.ndarray, n_clients: int, scheme: str, alpha: float,
+              seed: int) -> list[np.ndarray]:
     """Disjoint, sorted index arrays (one per client) that together cover every image."""
     labels = np.asarray(labels)
     n = len(labels)
     if n_clients < 1:
         raise DataError(f"need at least 1 client, got {n_clients}")
     if n < MIN_PER_CLIENT * n_clients:
-        raise DataError(f"{n} images are too few for {n_clients} clients: each client needs at least "
-                        f"{MIN_PER_CLIENT} (one to train on, one held out)")
+        raise DataError(f"{n} images are too few for {n_clients} clients: each client needs at "
+                        f"least {MIN_PER_CLIENT} (one to train on, one held out)")
     if scheme not in ("iid", "dirichlet"):
         raise DataError(f"unknown partition {scheme!r}; choose iid or dirichlet")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     if scheme == "iid" or np.all(labels == -1):
         return [np.sort(p) for p in np.array_split(rng.permutation(n), n_clients)]
     if not alpha > 0:
         raise DataError(f"dirichlet alpha must be > 0, got {alpha!r}")
-    # Standard non-IID recipe (Hsu et al. 2019): each label's images are split across clients in
-    # Dirichlet(alpha) proportions; re-draw while some client ends up below the minimum.
+    # The usual non-IID recipe (Hsu et al. 2019): each label's images are split across clients
+    # in Dirichlet(alpha) proportions; re-drawn while some client is below the minimum.
     for _ in range(100):
         parts = [[] for _ in range(n_clients)]
         for c in np.unique(labels):
             idx = rng.permutation(np.nonzero(labels == c)[0])
-            cuts = (np.cumsum(rng.dirichlet(np.full(n_clients, alpha)))[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
+            share = np.cumsum(rng.dirichlet(np.full(n_clients, float(alpha))))[:-1]
+            for k, chunk in enumerate(np.split(idx, (share * len(idx)).astype(int))):
                 parts[k].extend(chunk.tolist())
         if min(len(p) for p in parts) >= MIN_PER_CLIENT:
             break
-    else:  # very small alpha with many clients: top up the short clients from the largest one
+    else:  # tiny alpha with many clients: top up the short clients from the largest one
         for p in parts:
             while len(p) < MIN_PER_CLIENT:
                 big = max(parts, key=len)
@@ -335,19 +328,19 @@ class ClientData:
     train_labels: np.ndarray
     heldout: np.ndarray
     heldout_labels: np.ndarray
-    train_index: np.ndarray = None    # indices into load_images' output, for logging and checks
-    heldout_index: np.ndarray = None
+    train_index: np.ndarray | None = None    # rows of load_images' output, for logs and checks
+    heldout_index: np.ndarray | None = None
 
 
 def client_data(cfg: Config, client: int, n_clients: int) -> ClientData:
-    """Client `client`'s (0-based; client 0 is MPI rank 1) train and held-out images."""
+    """Client `client`'s (0-based; client 0 is MPI rank 1) training and held-out images."""
     if not 0 <= client < n_clients:
         raise DataError(f"client {client} out of range for {n_clients} clients")
     labels, fetch = _source(cfg.data)
     own = partition(labels, n_clients, cfg.data.partition, cfg.data.alpha, cfg.run.seed)[client]
     m = len(own)
     n_held = min(max(int(round(cfg.data.holdout * m)), 1), m - 1)  # at least 1 on each side
-    perm = np.random.default_rng([cfg.run.seed, client, 7]).permutation(m)
+    perm = _rng(cfg.run.seed, client, 7).permutation(m)  # 7: a stream apart from the partition's
     held, train = np.sort(own[perm[:n_held]]), np.sort(own[perm[n_held:]])
     images = fetch(np.concatenate([train, held]))
     return ClientData(train=images[:len(train)], train_labels=labels[train],
@@ -356,33 +349,29 @@ def client_data(cfg: Config, client: int, n_clients: int) -> ClientData:
 
 
 class Batches:
-    """Endless training batches: epoch-wise shuffles, no image repeated within an epoch.
-
-    Batches are always full (min(batch_size, n)): an epoch's leftover images open the next batch,
-    topped up from the next epoch's order with images not already in that batch."""
+    """Endless training batches of min(batch_size, n) images, shuffled epoch by epoch: every
+    image once per epoch. A batch that straddles two epochs takes the old epoch's leftovers and
+    tops up from the new order with images not already in it, so no batch repeats an image."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int):
-        import torch
-        self._torch = torch
+        import torch  # here, not at the top: loading and counting data must not need torch
         if len(images) == 0:
             raise DataError("no training images for the batch iterator")
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         self.data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        self.n = len(images)
-        self.batch_size = min(batch_size, self.n)
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.order = torch.empty(0, dtype=torch.long)
-        self.pos = 0
+        self.n, self.batch_size = len(images), min(batch_size, len(images))
+        self.gen = torch.Generator().manual_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        self.order, self.pos = torch.empty(0, dtype=torch.long), 0
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        torch = self._torch
+    def __next__(self) -> torch.Tensor:
+        import torch
         idx = self.order[self.pos:self.pos + self.batch_size]
         self.pos += len(idx)
-        if len(idx) < self.batch_size:  # epoch ends: new order, leftovers' duplicates moved back
+        if len(idx) < self.batch_size:  # epoch ends: new order, the leftovers moved to its end
             order = torch.randperm(self.n, generator=self.gen)
             dup = torch.isin(order, idx)
             self.order = torch.cat([order[~dup], order[dup]])

@@ -120,6 +120,16 @@ def test_npz_multilabel_and_missing_labels_are_unlabelled(tmp_path):
     assert x.shape == (8, 1, 8, 8) and (y == -1).all()
 
 
+def test_npz_float_and_single_channel_arrays(tmp_path):
+    path = tmp_path / "float.npz"
+    imgs = np.zeros((2, 4, 4, 1), np.float32)
+    imgs[1] = 1.0  # floats in [0, 1] are scaled to 0..255
+    np.savez(path, images=imgs, labels=np.array([[3], [4]]))
+    x, y = load_images(DataConfig(dataset="npz", path=str(path), image_size=4))
+    assert y.tolist() == [3, 4]
+    assert (x[0] == -1).all() and (x[1] == 1).all()
+
+
 # ---------------------------------------------------------------- image folders
 
 def test_folder_subfolders_give_labels(tmp_path):

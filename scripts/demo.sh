@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: 1 server + 2 clients on CPU, digits data,
+# results in results.h5 and figures in figures/. Extra arguments go to the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+. scripts/mpi-env.sh
+start=$(date +%s)
+# shellcheck disable=SC2086
+mpirun -n 3 $CF_MPIRUN_FLAGS python -m collafuse_mpi.run --device cpu --output results.h5 --overwrite "$@"
+echo "demo: run took $(( $(date +%s) - start )) s"
+collafuse-plot results.h5 -o figures
