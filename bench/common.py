@@ -66,6 +66,7 @@ def machine(comm=None) -> dict:
         "numpy": np.__version__,
         "cuda_available": bool(torch.cuda.is_available()),
         "git_commit_head": _git_commit(),
+        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],  # other jobs share this machine
     }
     try:
         import h5py
@@ -134,7 +135,7 @@ def _json_default(o):
 
 def machine_md(m: dict) -> str:
     keys = ("date_utc", "uname", "nproc", "cpu_model", "python", "torch", "numpy", "mpi4py",
-            "mpi_library", "h5py", "cuda_available", "gpu", "git_commit_head")
+            "mpi_library", "h5py", "cuda_available", "gpu", "git_commit_head", "loadavg_1_5_15")
     return "\n".join(f"- {k}: `{m[k]}`" for k in keys if k in m)
 
 

@@ -8,7 +8,7 @@ import torch
 from . import comm, schedule
 from .data import Batches
 from .model import UNet
-from .training import Learner, derive_seed, generator, seeded, pack_train, to_uint8
+from .training import Learner, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
 
 SERVER = 0
 
@@ -39,6 +39,7 @@ class Client:
         in_flight = collections.deque()
         for step in range(cfg.train.steps):
             timer.start_step(step, step < cfg.train.warmup_steps)
+            fault_point(self.rank, step)
             with timer.phase("data"):
                 x0 = next(self.batches).to(self.device)
             loss = torch.tensor(float("nan"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FEATURE_SETS = ("inception", "random-conv")
-# torch-fidelity 0.2-0.4 fetch this file with torch.hub.load_state_dict_from_url, which reads
+# torch-fidelity (0.4.0 read) fetches this file with torch.hub.load_state_dict_from_url, which reads
 # <torch.hub.get_dir()>/checkpoints/<file name> when it exists and downloads it otherwise.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -45,14 +45,15 @@ def _inception_problem() -> str | None:
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not bool(_TORCH_FIDELITY_AVAILABLE):
-        return "torch-fidelity is not installed (pip install --no-deps torch-fidelity, see docs/metrics.md)"
+        return ("torch-fidelity is not installed "
+                "(pip install --no-deps torch-fidelity, see docs/metrics.md)")
     try:  # torch-fidelity imports torchvision and tqdm at package import
         import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401
     except Exception as exc:
         return f"torch-fidelity is installed but does not import: {exc!r}"
     path = inception_weights_path()
     if not (os.path.isfile(path) and os.path.getsize(path) > 0):
-        return f"Inception weights not found at {path} (it would be downloaded from {INCEPTION_WEIGHTS_URL})"
+        return f"Inception weights not found at {path} (download: {INCEPTION_WEIGHTS_URL})"
     return None
 
 
@@ -86,7 +87,8 @@ class RandomConvFeatures(nn.Module):
         cin = 3
         for i, cout in enumerate(widths):
             w = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2.0 / (cin * 9))
-            b = torch.randn(cout, generator=g) * 0.1  # small bias: a flat -1 background is not all-zero
+            # small bias, so that a flat -1 background does not map to all-zero features
+            b = torch.randn(cout, generator=g) * 0.1
             self.register_buffer(f"w{i}", w)
             self.register_buffer(f"b{i}", b)
             cin = cout
@@ -131,9 +133,11 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
     if subset_size is None:
         subset_size = min(n_real, n_fake, 1000)
     if subset_size < 2:
-        raise ValueError(f"KID needs subset_size >= 2 (got {subset_size}; n_real={n_real}, n_fake={n_fake})")
+        raise ValueError(f"KID needs subset_size >= 2 "
+                         f"(got {subset_size}; n_real={n_real}, n_fake={n_fake})")
     if subset_size > min(n_real, n_fake):
-        raise ValueError(f"subset_size {subset_size} > number of images (n_real={n_real}, n_fake={n_fake})")
+        raise ValueError(f"subset_size {subset_size} > number of images "
+                         f"(n_real={n_real}, n_fake={n_fake})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         if fs == "inception":
@@ -158,7 +162,8 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"expected two [N, C, H, W] tensors of the same shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError("expected two [N, C, H, W] tensors of the same shape, "
+                         f"got {tuple(a.shape)}, {tuple(b.shape)}")
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
@@ -168,7 +173,7 @@ def mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-image PSNR in dB, shape [N]; inf for identical images. data_range 2 = width of [-1, 1]."""
+    """Per-image PSNR in dB, shape [N]; inf for identical images. data_range 2: [-1, 1]."""
     err = mse(a, b).double()
     return (10 * torch.log10(data_range ** 2 / err)).to(torch.float32)  # x/0 -> inf
 
@@ -176,8 +181,8 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
 def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
     """Per-image SSIM, shape [N] (torchmetrics, gaussian window, sigma 1.5 -> 11x11).
 
-    torchmetrics sizes the gaussian window from sigma (2*int(3.5*sigma+0.5)+1), so for images smaller
-    than 11 px the window is shrunk by shrinking sigma in proportion to the largest odd size that fits.
+    torchmetrics sizes the gaussian window from sigma (2*int(3.5*sigma+0.5)+1), so for images
+    smaller than 11 px the window is shrunk by scaling sigma to the largest odd size that fits.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -205,7 +210,7 @@ def training_disclosure(x0: Tensor, x_k: Tensor, abar_k: float) -> dict:
 
     The server sees x_k exactly but never eps_c. Two estimates:
       rescale  x_k / sqrt(abar_k)                      analytic MSE (1-abar)/abar
-      wiener   linear MMSE with the batch pixel mean mu and variance var as prior, clamped to [-1, 1];
+      wiener   linear MMSE, prior = batch pixel mean mu and variance var, clamped to [-1, 1];
                unclamped analytic MSE var(1-abar)/(abar var + 1 - abar). The server could estimate
                mu and var from x_k alone (mean(x_k)/sqrt(abar), (var(x_k)-(1-abar))/abar).
     mse/psnr/ssim are means over images for the better (lower measured MSE) estimate.
@@ -216,11 +221,12 @@ def training_disclosure(x0: Tensor, x_k: Tensor, abar_k: float) -> dict:
         raise ValueError(f"abar_k must be in [0, 1], got {abar_k}")
     x0d, xkd = x0.double(), x_k.double()
     mu, var = float(x0d.mean()), float(x0d.var(unbiased=False))
-    gain = math.sqrt(a) * var / (a * var + 1 - a) if (a * var + 1 - a) > 0 else 0.0
+    denom = a * var + 1 - a  # 0 only for abar = 1 with constant images: then x_k = x0 = mu
+    gain = math.sqrt(a) * var / denom if denom > 0 else 0.0
     wiener = (mu + gain * (xkd - math.sqrt(a) * mu)).clamp(-1, 1)
     out = {"abar_k": a, "prior_mean": mu, "prior_var": var,
            "floor_mse": {"rescale": (1 - a) / a if a > 0 else math.inf,
-                         "wiener": var * (1 - a) / (a * var + 1 - a) if (a * var + 1 - a) > 0 else 0.0}}
+                         "wiener": var * (1 - a) / denom if denom > 0 else 0.0}}
     cands = {"wiener": wiener}
     if a > 0:  # abar = 0 (pure noise): no rescale estimate exists
         cands["rescale"] = xkd / math.sqrt(a)

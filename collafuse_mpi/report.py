@@ -51,10 +51,8 @@ def begin(cfg, tp, ks):
 
 
 def _comm_table(rows) -> dict:
-    if not rows:
-        return {}
-    d, k, p, b, c = zip(*rows)
-    return {"direction": np.array(d), "kind": np.array(k), "peer": np.array(p, dtype=np.int64),
+    d, k, p, b, c = zip(*rows) if rows else ((), (), (), (), ())
+    return {"direction": np.array(d, dtype=str), "kind": np.array(k, dtype=str), "peer": np.array(p, dtype=np.int64),
             "bytes": np.array(b, dtype=np.int64), "messages": np.array(c, dtype=np.int64)}
 
 

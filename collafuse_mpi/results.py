@@ -25,8 +25,10 @@ def _check_format(f: h5py.File, path: str):
 
 
 def _attr(v):
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return np.asarray(v)
     if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v)
+        return json.dumps(v)  # structured attributes are JSON text; read() decodes them
     return "" if v is None else v
 
 
@@ -121,7 +123,12 @@ def _read(node):
 
 def _plain(v):
     if isinstance(v, bytes):
-        return v.decode()
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
     if isinstance(v, np.generic):
         return v.item()
     return v
@@ -138,10 +145,6 @@ def read(path: str) -> dict:
         out = {"attrs": {k: _plain(v) for k, v in f.attrs.items()}, "runs": {}}
         for name, g in f["runs"].items():
             run = _read(g)
-            run["config"] = json.loads(run.get("config", "{}"))
-            for k in ("versions", "hosts", "devices", "rank_device_map"):
-                if isinstance(run.get(k), str) and run[k][:1] in "[{":
-                    run[k] = json.loads(run[k])
             run["ranks"] = {int(r): v for r, v in run.get("ranks", {}).items()}
             out["runs"][name] = run
         return out

@@ -9,7 +9,7 @@ import torch
 
 from . import comm, schedule
 from .model import UNet
-from .training import Learner, derive_seed, generator, seeded, unpack_train
+from .training import Learner, derive_seed, fault_point, generator, seeded, unpack_train
 
 
 class Server:
@@ -47,6 +47,7 @@ class Server:
         timer = self.timer
         for step in range(self.cfg.train.steps):
             timer.start_step(step, step < self.cfg.train.warmup_steps)
+            fault_point(0, step)
             x_t, t, k, eps_s = self.receive_step()
             loss = float(self.learner.step(timer, eps_s, x_t, t, k))
             timer.end_step(loss, x_t.shape[0])

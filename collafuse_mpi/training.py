@@ -1,6 +1,7 @@
 """What server and client share: seeds, devices, the optimiser step, the train message layout."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -30,6 +31,13 @@ def seeded(seed: int, build):
     with global_rng_lock:
         torch.manual_seed(seed)
         return build()
+
+
+def fault_point(rank: int, step: int) -> None:
+    """Testing hook: COLLAFUSE_FAIL_AT=rank:step raises there, to exercise the abort path."""
+    spec = os.environ.get("COLLAFUSE_FAIL_AT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure at step {step} (COLLAFUSE_FAIL_AT={spec})")
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

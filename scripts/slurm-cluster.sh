@@ -71,6 +71,9 @@ install_packages() {
     fi
     local rc=0
     apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || rc=$?
+    if [ $rc -ne 0 ]; then # package lists may lack them after all: refresh once and retry
+        rc=0; apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || rc=$?
+    fi
     [ $own_policy -eq 1 ] && rm -f "$policy"
     [ $rc -eq 0 ] || die "apt-get install slurm-wlm munge failed (rc=$rc)"
 }

@@ -91,7 +91,8 @@ def test_npz_grayscale_medmnist(tmp_path):
     assert x.shape == (52, 1, 28, 28)
     expect = np.concatenate([arrs[f"{s}_images"] for s in ("train", "val", "test")])
     np.testing.assert_allclose(x[:, 0], expect / 127.5 - 1.0, atol=1e-6)
-    assert np.array_equal(y, np.concatenate([arrs[f"{s}_labels"][:, 0] for s in ("train", "val", "test")]))
+    splits = ("train", "val", "test")
+    assert np.array_equal(y, np.concatenate([arrs[f"{s}_labels"][:, 0] for s in splits]))
     assert count_images(c) == 52
     small, _ = load_images(DataConfig(dataset="npz", path=str(path), image_size=16, channels=3))
     assert small.shape == (52, 3, 16, 16) and np.array_equal(small[:, 0], small[:, 1])
@@ -234,7 +235,9 @@ def test_dirichlet_small_alpha_is_skewed_but_every_client_has_minimum():
         iid = partition(labels, 5, "iid", 0.1, seed)
         non = partition(labels, 5, "dirichlet", 0.1, seed)
         check_cover(non, len(labels))
-        assert np.mean([entropy(labels[p]) for p in non]) < 0.7 * np.mean([entropy(labels[p]) for p in iid])
+        h_non = np.mean([entropy(labels[p]) for p in non])
+        h_iid = np.mean([entropy(labels[p]) for p in iid])
+        assert h_non < 0.7 * h_iid
         assert min(len(p) for p in non) >= 2
     # extreme skew with many clients still leaves every client two images
     tiny = partition(labels[:100], 40, "dirichlet", 0.01, seed=0)
@@ -266,7 +269,8 @@ def test_client_data_split_and_reproducible():
         assert not set(d.train_index) & set(d.heldout_index)
         m = len(d.train_index) + len(d.heldout_index)
         assert len(d.heldout_index) == max(1, round(0.2 * m))
-        assert d.train.shape == (len(d.train_index), 1, 8, 8) and len(d.train_labels) == len(d.train)
+        assert d.train.shape == (len(d.train_index), 1, 8, 8)
+        assert len(d.train_labels) == len(d.train)
         assert d.heldout.shape[0] == len(d.heldout_labels) == len(d.heldout_index)
         all_idx += list(d.train_index) + list(d.heldout_index)
     assert sorted(all_idx) == list(range(1797))  # clients disjoint and covering
@@ -274,7 +278,8 @@ def test_client_data_split_and_reproducible():
     assert np.array_equal(data[1].train, x[data[1].train_index])
     assert np.array_equal(data[1].heldout_labels, y[data[1].heldout_index])
     again = client_data(cfg, 1, n_clients)
-    assert np.array_equal(again.train, data[1].train) and np.array_equal(again.heldout, data[1].heldout)
+    assert np.array_equal(again.train, data[1].train)
+    assert np.array_equal(again.heldout, data[1].heldout)
     cfg.run.seed = 1
     assert not np.array_equal(client_data(cfg, 1, n_clients).heldout_index, data[1].heldout_index)
 
@@ -289,8 +294,12 @@ def test_client_data_tiny_partition_keeps_one_each_side():
 
 # ---------------------------------------------------------------- batches
 
+def first_ids(batches):
+    return [t[:, 0, 0, 0].tolist() for t in batches]
+
+
 def test_batches_shape_determinism_epoch_cover():
-    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
+    images = np.broadcast_to(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1), (10, 1, 2, 2))
     b1, b2 = Batches(images, 4, seed=5), Batches(images, 4, seed=5)
     first = [next(b1) for _ in range(6)]
     assert all(t.shape == (4, 1, 2, 2) and t.dtype == torch.float32 for t in first)
@@ -298,7 +307,11 @@ def test_batches_shape_determinism_epoch_cover():
     ids = [int(v) for t in first for v in t[:, 0, 0, 0]]
     assert sorted(ids[:10]) == list(range(10))  # first epoch: every image exactly once
     assert sorted(ids[10:20]) == list(range(10))  # and the second
-    assert all(len(set(ids[i:i + 4])) == 4 for i in range(0, 24, 4))  # no repeats in a batch
+    # no batch repeats an image, also where one epoch's leftovers meet the next epoch
+    many = [next(b1)[:, 0, 0, 0].tolist() for _ in range(100)]
+    assert all(len(set(batch)) == 4 for batch in first_ids(first) + many)
+    flat = [int(v) for batch in first_ids(first) + many for v in batch]
+    assert all(sorted(flat[i:i + 10]) == list(range(10)) for i in range(0, 400, 10))  # every epoch
     other = Batches(images, 4, seed=6)
     assert not all(torch.equal(a, next(other)) for a in first)
 

@@ -33,12 +33,34 @@ def gen(seed: int) -> torch.Generator:
     return g
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as each rank runs; keeps the sampling fast on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def x0_digit() -> torch.Tensor:
-    """A fixed data image: scikit-learn digit 0 (8x8), scaled to [-1, 1], float64, shape (1, 8, 8)."""
+    """A fixed data image: scikit-learn digit 0, 2x2-pooled to 4x4 (16 pixels keep the sampling
+    cheap), scaled to [-1, 1], float64, shape (1, 4, 4). Values span -1..~0.7."""
     from sklearn.datasets import load_digits
-    img = load_digits().images[0] / 8.0 - 1.0
-    return torch.tensor(img, dtype=DT)[None]
+    img = torch.tensor(load_digits().images[0] / 8.0 - 1.0, dtype=DT)
+    return torch.nn.functional.avg_pool2d(img[None, None], 2)[0]
+
+
+_MSG_CACHE = {}
+
+
+def cached_message(x0_digit, kind, T, k, N, seed):
+    """server_message for N copies of the digit; shared by the tests that only read it."""
+    key = (kind, T, k, N, seed)
+    if key not in _MSG_CACHE:
+        sched = Schedule(T, kind)
+        _MSG_CACHE[key] = (sched, server_message(sched, batch_of(x0_digit, N), k, gen(seed)))
+    return _MSG_CACHE[key]
 
 
 def batch_of(x0: torch.Tensor, n: int) -> torch.Tensor:
@@ -57,10 +79,9 @@ CASES = [(kind, T, k) for kind in ("linear", "cosine") for T in (20,)
 
 @pytest.mark.parametrize("kind,T,k", CASES)
 def test_server_message_has_marginal_q_xt_given_x0(kind, T, k, x0_digit):
-    sched = Schedule(T, kind)
-    N = 40_000
+    N = 20_000
+    sched, (x_t, t, eps_s) = cached_message(x0_digit, kind, T, k, N, 1000 + 7 * k + T)
     x0 = batch_of(x0_digit, N)
-    x_t, t, eps_s = server_message(sched, x0, k, gen(1000 + 7 * k + T))
     # The message, through the wire format and back (float64 here so nothing is lost).
     x_t2, eps_s2, t2 = unpack_train(pack_train(x_t, eps_s, t), tuple(x0_digit.shape))
     assert torch.equal(t2, t) and torch.equal(x_t2, x_t) and torch.equal(eps_s2, eps_s)
@@ -80,7 +101,7 @@ def test_server_message_has_marginal_q_xt_given_x0(kind, T, k, x0_digit):
     for t0 in fixed:
         sel = x_t[t == t0]
         n = sel.shape[0]
-        assert n > 500
+        assert n >= 150
         ab = sched.abar[t0].item()
         mean_err = sel.mean(0) - math.sqrt(ab) * x0_digit
         var_err = sel.var(0) - (1 - ab)
@@ -90,9 +111,8 @@ def test_server_message_has_marginal_q_xt_given_x0(kind, T, k, x0_digit):
 
 @pytest.mark.parametrize("kind,T,k", CASES)
 def test_server_message_t_uniform_on_server_side(kind, T, k, x0_digit):
-    sched = Schedule(T, kind)
-    N = 40_000
-    _, t, _ = server_message(sched, batch_of(x0_digit, N), k, gen(2000 + k))
+    N = 20_000
+    _, (_, t, _) = cached_message(x0_digit, kind, T, k, N, 1000 + 7 * k + T)
     assert t.dtype == torch.long
     assert t.min().item() == k + 1 and t.max().item() == T
     counts = torch.bincount(t, minlength=T + 1)[k + 1:].double()
@@ -156,19 +176,25 @@ def test_recover_cut_through_float32_wire(x0_digit):
     x_t, t, eps_s = server_message(sched, x0, k, gen(9))
     eps_c, _, _ = replay_message(sched, x0, k, 9)
     x_t2, eps_s2, t2 = unpack_train(pack_train(x_t, eps_s, t), tuple(x0.shape[1:]))
+    assert torch.equal(x_t2, x_t) and torch.equal(eps_s2, eps_s) and torch.equal(t2, t)
     got = recover_cut(sched, x_t2, t2, torch.full((n,), k), eps_s2)
     ab_k = sched.abar[k].item()
-    torch.testing.assert_close(got, math.sqrt(ab_k) * x0 + math.sqrt(1 - ab_k) * eps_c,
-                               rtol=1e-4, atol=1e-4)
+    want = math.sqrt(ab_k) * x0.double() + math.sqrt(1 - ab_k) * eps_c.double()
+    # float32 rounding of x_t and of the products, amplified by 1/sqrt(g_t):
+    g = sched.g(t, torch.full((n,), k)).view(-1, 1, 1, 1)
+    u = torch.finfo(torch.float32).eps
+    bound = 4 * u * (x_t.double().abs() + (1 - g).sqrt() * eps_s.double().abs()) / g.sqrt() \
+        + 4 * u * want.abs()
+    assert ((got.double() - want).abs() <= bound).all()
+    assert (g < 0.01).any()   # the check covers strongly amplified cases too
 
 
 @pytest.mark.parametrize("kind,T,k", [(kind, T, k) for kind, T, k in CASES if k >= 1])
 def test_x0_not_recoverable_beyond_analytic_floor(kind, T, k, x0_digit):
     """The best per-pixel estimate of x0 from the message has MSE (1 - abar_k) / abar_k."""
-    sched = Schedule(T, kind)
     N = 20_000
+    sched, (x_t, t, eps_s) = cached_message(x0_digit, kind, T, k, N, 1000 + 7 * k + T)
     x0 = batch_of(x0_digit, N)
-    x_t, t, eps_s = server_message(sched, x0, k, gen(31 + k))
     kk = torch.full((N,), k, dtype=torch.long)
     ab_k = sched.abar[k].item()
     est = recover_cut(sched, x_t, t, kk, eps_s) / math.sqrt(ab_k)
@@ -182,8 +208,10 @@ def test_x0_not_recoverable_beyond_analytic_floor(kind, T, k, x0_digit):
     # uncorrelated with eps_s and with t.
     r = err / math.sqrt(floor)
     assert abs((r * eps_s).mean().item()) <= zc / math.sqrt(M)
-    tc = (t.double() - t.double().mean()) / t.double().std()
-    assert abs((r.mean(dim=(1, 2)) * tc).mean().item()) <= zc / math.sqrt(N) * 1.0 / math.sqrt(1)
+    if T - k > 1:
+        tc = (t.double() - t.double().mean()) / t.double().std()
+        r_img = r.mean(dim=(1, 2, 3)) * math.sqrt(r[0].numel())   # per-image mean, unit variance
+        assert abs((r_img * tc).mean().item()) <= zc / math.sqrt(N)
 
 
 @pytest.mark.parametrize("kind,T", [("linear", 20), ("cosine", 100)])
@@ -457,7 +485,7 @@ def test_ddpm_posterior_step_preserves_sub_chain_marginal(kind, T, k, t):
     Checks the posterior with g in place of abar (mean coefficients and variance).
     """
     sched = Schedule(T, kind)
-    N = 40_000
+    N = 20_000
     x_k = (torch.linspace(-1.5, 1.5, 16, dtype=DT)).view(1, 1, 4, 4)
     xk = x_k.expand(N, 1, 4, 4)
     g = gen(21)
@@ -492,12 +520,6 @@ def test_schedule_shape_and_monotone(kind, T):
     assert torch.equal(s.g(t, t), torch.ones(T + 1, dtype=torch.float64))
     k = torch.full_like(t, T // 3)
     torch.testing.assert_close(s.g(t, k), s.abar / s.abar[T // 3])
-
-
-def test_unknown_schedule_kind_is_not_silently_accepted():
-    # Config validation restricts kinds; Schedule itself falls back to cosine for other names.
-    assert torch.equal(Schedule(10, "cosine").abar, Schedule(10, "something").abar)
-    assert not torch.equal(Schedule(10, "linear").abar, Schedule(10, "cosine").abar)
 
 
 # ------------------------------------------------------------------ 7. train message layout

@@ -1,0 +1,298 @@
+"""Ping-pong latency and streaming bandwidth of three ways to move a float32 buffer between 2 ranks.
+
+    mpirun -n 2 python bench/transport.py            # ~1 min; writes bench/results/transport.{json,md}
+    mpirun -n 2 python bench/transport.py --quick    # fewer samples, for a smoke test
+
+Methods, side by side in the same run (their order rotates from block to block):
+  (a) transport  collafuse_mpi.comm.MPITransport.send/recv of a CPU float32 tensor: an int64 header
+                 then the payload, buffer-based; the receiver allocates a fresh tensor per message.
+  (b) raw        mpi4py Comm.Send/Recv of a numpy float32 buffer into a preallocated buffer (osu_*).
+  (c) pickle     mpi4py Comm.send/recv of the numpy array (pickled with MPI.pickle.PROTOCOL).
+With CUDA (torch.cuda.is_available()) also (d) transport of CUDA tensors, on the path the
+transport picks (cuda-aware when the MPI library says so, else host-staged through pinned memory).
+
+Two tests per size, each sample a window of W messages, samples taken round robin over the
+methods, warm-up samples discarded, a Barrier before each size and test, only rank 0 prints:
+  latency    W round trips (rank 0 -> 1 -> 0); sample = elapsed / (2 W), the one-way time.
+  bandwidth  rank 0 sends W messages back to back, rank 1 answers with a 4-byte ack after the
+             last; sample = W * bytes / elapsed.
+Targets (sizes >= 1 MiB): bandwidth(a) >= 0.95 * bandwidth(b) and >= 20 * bandwidth(c).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+import common  # noqa: F401 -- puts the repository on sys.path
+
+KiB, MiB = 1024, 1024 * 1024
+SIZES = [KiB * 4 ** i for i in range(8)]  # 1 KiB .. 16 MiB
+TAG_RAW, TAG_PICKLE, TAG_ACK = 100, 101, 102
+
+
+class Raw:
+    name = "raw"
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def make(self, nbytes):
+        self.buf = np.empty(nbytes // 4, dtype=np.float32)
+        return np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
+
+    def send(self, dest, x):
+        self.comm.Send(x, dest=dest, tag=TAG_RAW)
+
+    def recv(self, source):
+        self.comm.Recv(self.buf, source=source, tag=TAG_RAW)
+        return self.buf
+
+
+class Pickle:
+    name = "pickle"
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def make(self, nbytes):
+        return np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
+
+    def send(self, dest, x):
+        self.comm.send(x, dest=dest, tag=TAG_PICKLE)
+
+    def recv(self, source):
+        return self.comm.recv(source=source, tag=TAG_PICKLE)
+
+
+class Transport:
+    name = "transport"
+
+    def __init__(self, comm, device="cpu"):
+        import torch
+
+        from collafuse_mpi import comm as cm
+        self.torch, self.cm = torch, cm
+        self.tp = cm.MPITransport(comm)  # collective (Split_type): every rank builds it
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.name = f"transport-cuda ({self.tp.path(self.device)})"
+
+    def make(self, nbytes):
+        g = self.torch.Generator().manual_seed(0)
+        return self.torch.randn(nbytes // 4, generator=g).to(self.device)
+
+    def send(self, dest, x):
+        self.tp.send(dest, self.cm.TRAIN, 0, 0, x)
+
+    def recv(self, source):
+        return self.tp.recv(source, self.cm.TRAIN, self.device)[1]
+
+
+def latency(comm, m, x, window):
+    """One sample on rank 0: seconds per one-way message over `window` round trips."""
+    rank = comm.Get_rank()
+    t0 = _now()
+    for _ in range(window):
+        if rank == 0:
+            m.send(1, x)
+            m.recv(1)
+        elif rank == 1:
+            m.send(0, m.recv(0))
+    return (_now() - t0) / (2 * window)
+
+
+def bandwidth(comm, m, x, window, ack):
+    """One sample on rank 0: seconds per message when `window` messages stream to rank 1."""
+    rank = comm.Get_rank()
+    t0 = _now()
+    if rank == 0:
+        for _ in range(window):
+            m.send(1, x)
+        comm.Recv(ack, source=1, tag=TAG_ACK)
+    elif rank == 1:
+        for _ in range(window):
+            m.recv(0)
+        comm.Send(ack, dest=0, tag=TAG_ACK)
+    return (_now() - t0) / window
+
+
+def _now():
+    from time import perf_counter
+    return perf_counter()
+
+
+def plan(nbytes: int, quick: bool) -> tuple[int, int, int]:
+    """(window, samples, warm-up samples) for a size: more, shorter windows for small messages."""
+    window = int(np.clip(4 * MiB // nbytes, 2, 32))
+    samples = 100 if nbytes <= MiB else 40
+    if quick:
+        samples = 8
+    return window, samples, max(2, samples // 10)
+
+
+def run(comm, methods, sizes, quick=False):
+    """Every (test, size, method) -> list of per-message seconds on rank 0 (warm-up dropped).
+
+    Samples are taken round robin over the methods (a b c, b c a, ...), so a burst of load from
+    other processes on this machine lands on every method alike.
+    """
+    ack = np.zeros(1, dtype=np.float32)
+    out = {"latency": {}, "bandwidth": {}}
+    for nbytes in sizes:
+        window, samples, warmup = plan(nbytes, quick)
+        payload = {m.name: m.make(nbytes) for m in methods}
+        for test in ("latency", "bandwidth"):
+            comm.Barrier()
+            got = {m.name: [] for m in methods}
+            for m in methods:  # warm-up, discarded
+                for _ in range(warmup):
+                    _one(test, comm, m, payload[m.name], window, ack)
+            for i in range(samples):
+                j = i % len(methods)
+                for m in methods[j:] + methods[:j]:
+                    got[m.name].append(_one(test, comm, m, payload[m.name], window, ack))
+            for name, v in got.items():
+                out[test].setdefault(name, {})[nbytes] = {"window": window, "seconds": v}
+    return out
+
+
+def _one(test, comm, m, x, window, ack):
+    return latency(comm, m, x, window) if test == "latency" else bandwidth(comm, m, x, window, ack)
+
+
+def summarise(raw: dict, sizes) -> dict:
+    from common import pct
+    summary = {}
+    for test, by_method in raw.items():
+        for name, by_size in by_method.items():
+            for nbytes in sizes:
+                s = by_size[nbytes]["seconds"]
+                p = pct(s)
+                p["MBps_p50"] = nbytes / p["p50"] / 1e6
+                p["MBps_at_p90_time"] = nbytes / p["p90"] / 1e6
+                p["MBps_at_p99_time"] = nbytes / p["p99"] / 1e6
+                summary.setdefault(test, {}).setdefault(name, {})[nbytes] = p
+    return summary
+
+
+def ratios(summary: dict, sizes, a="transport") -> list[dict]:
+    rows = []
+    for nbytes in sizes:
+        row = {"bytes": nbytes}
+        for test in ("latency", "bandwidth"):
+            s = summary[test]
+            bw = {name: s[name][nbytes]["MBps_p50"] for name in s}
+            row[f"{test}_a_over_b"] = bw[a] / bw["raw"]
+            row[f"{test}_a_over_c"] = bw[a] / bw["pickle"]
+        rows.append(row)
+    return rows
+
+
+def human(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def report(comm, raw, sizes, methods, quick, cuda_note):
+    import common
+    from mpi4py import MPI
+    summary = summarise(raw, sizes)
+    rat = ratios(summary, sizes)
+    big = [r for r in rat if r["bytes"] >= MiB]
+    targets = {
+        "a_over_b_bandwidth_ge_0.95_at_ge_1MiB": all(r["bandwidth_a_over_b"] >= 0.95 for r in big),
+        "a_over_c_bandwidth_ge_20_at_ge_1MiB": all(r["bandwidth_a_over_c"] >= 20 for r in big),
+        "a_over_b_latency_test_ge_0.95_at_ge_1MiB": all(r["latency_a_over_b"] >= 0.95 for r in big),
+        "a_over_c_latency_test_ge_20_at_ge_1MiB": all(r["latency_a_over_c"] >= 20 for r in big),
+    }
+    names = [m.name for m in methods]
+    record = {
+        "benchmark": "transport", "command": common.command(comm.Get_size()), "quick": quick,
+        "machine": common.machine(comm), "pickle_protocol": MPI.pickle.PROTOCOL,
+        "methods": names, "sizes_bytes": sizes, "cuda": cuda_note,
+        "summary": {t: {n: {str(b): v for b, v in d.items()} for n, d in by.items()} for t, by in summary.items()},
+        "ratios_p50": rat, "targets": targets, "explanation": explain(rat),
+        "raw_samples_seconds_per_message": {t: {n: {str(b): v for b, v in d.items()} for n, d in by.items()}
+                                            for t, by in raw.items()},
+    }
+    md = [f"# transport: MPITransport vs raw Send/Recv vs pickled send/recv\n",
+          f"Command: `{record['command']}`\n", common.machine_md(record["machine"]), "",
+          f"pickle protocol: {MPI.pickle.PROTOCOL}; CUDA: {cuda_note}\n"]
+    for test in ("latency", "bandwidth"):
+        header = ["size"] + [f"{n} P50/P90/P99 us" for n in names] + [f"{n} MB/s (P50)" for n in names]
+        rows = []
+        for b in sizes:
+            s = summary[test]
+            rows.append([human(b)] + ["/".join(f"{s[n][b][q] * 1e6:.1f}" for q in ("p50", "p90", "p99")) for n in names]
+                        + [f"{s[n][b]['MBps_p50']:.0f}" for n in names])
+        md += [f"## {test} (time per message)\n", common.table(header, rows), ""]
+    md += ["## ratios of P50 bandwidth, (a) transport over (b) raw and (c) pickle\n",
+           common.table(["size", "bw test a/b", "bw test a/c", "ping-pong a/b", "ping-pong a/c"],
+                        [[human(r["bytes"]), f"{r['bandwidth_a_over_b']:.3f}", f"{r['bandwidth_a_over_c']:.1f}",
+                          f"{r['latency_a_over_b']:.3f}", f"{r['latency_a_over_c']:.1f}"] for r in rat]), "",
+           "## targets (sizes >= 1 MiB)\n"]
+    md += [f"- {k}: **{'PASS' if v else 'FAIL'}**" for k, v in targets.items()]
+    md += ["", "## explanation\n", record["explanation"]]
+    paths = common.write("transport", record, "\n".join(md))
+    print("\n".join(md[4:]))
+    print("wrote", *paths)
+
+
+def explain(rat) -> str:
+    big = [r for r in rat if r["bytes"] >= MiB]
+    ac = min(r["bandwidth_a_over_c"] for r in big)
+    ab = min(r["bandwidth_a_over_b"] for r in big)
+    small = rat[0]
+    text = (f"At >= 1 MiB the transport reaches {ab:.2f}x or better of raw Send/Recv bandwidth (worst size): "
+            "it is the same buffer-based Send plus a 96-byte header message on its own tag and a fresh "
+            "torch.empty per receive, both fixed costs that vanish against a megabyte copy. "
+            f"At 1 KiB it is {small['latency_a_over_b']:.2f}x of raw in ping-pong: there the second message "
+            "(header) and the Python work per message (make_header, parse_header, Stats.add, torch.empty) "
+            "are the whole cost. ")
+    if ac < 20:
+        text += (f"Against pickled send/recv the ratio at >= 1 MiB is only {ac:.1f}x (target 20x): mpi4py "
+                 "pickles with protocol 5, where a contiguous numpy array is one PickleBuffer copied into "
+                 "the pickle stream at memcpy speed, sent as one message and copied once more out on "
+                 "receive. Pickle therefore costs about two extra memory copies per message, not "
+                 "per-element serialisation, so it stays within a small factor of raw bandwidth on one "
+                 "node; a 20x gap is what pickle of Python objects or of protocol <= 3 looked like, not "
+                 "what numpy arrays under protocol 5 cost. The target is unreachable by construction "
+                 "whenever raw bandwidth is within 20x of memcpy bandwidth, as it is over shared memory.")
+    else:
+        text += f"Against pickled send/recv it is {ac:.1f}x or better at >= 1 MiB."
+    return text
+
+
+def main(argv=None):
+    from mpi4py import MPI
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="8 samples per size, for a smoke test")
+    ap.add_argument("--max-bytes", type=int, default=16 * MiB)
+    args = ap.parse_args(argv)
+    comm = MPI.COMM_WORLD.Dup()
+    if comm.Get_size() != 2:
+        if comm.Get_rank() == 0:
+            print("transport.py needs exactly 2 ranks: mpirun -n 2 python bench/transport.py", file=sys.stderr)
+        comm.Free()
+        return 2
+    import torch
+    torch.set_num_threads(1)
+    sizes = [s for s in SIZES if s <= args.max_bytes]
+    methods = [Transport(comm), Raw(comm), Pickle(comm)]
+    cuda_note = "skipped: torch.cuda.is_available() is False on this machine"
+    if torch.cuda.is_available():
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        dev = f"cuda:{local.Get_rank() % torch.cuda.device_count()}"
+        local.Free()
+        methods.append(Transport(comm, dev))
+        cuda_note = f"measured as (d) {methods[-1].name}"
+    raw = run(comm, methods, sizes, args.quick)
+    if comm.Get_rank() == 0:
+        report(comm, raw, sizes, methods, args.quick, cuda_note)
+    comm.Free()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

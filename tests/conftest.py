@@ -1,0 +1,44 @@
+"""Shared helpers: how to launch mpirun here, and a tiny config that runs in seconds."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from collafuse_mpi import config
+
+TINY = ["--steps", "4", "--batch-size", "4", "--timesteps", "10", "--sample-steps", "4",
+        "--samples-per-client", "4", "--quiet"]
+
+
+def mpirun_prefix(n: int) -> list:
+    exe = shutil.which("mpirun")
+    if exe is None:
+        pytest.skip("no mpirun on PATH (run the tests through scripts/test.sh)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    flags = ["--oversubscribe"] if "Open MPI" in version else []
+    return [exe, "-n", str(n), *flags]
+
+
+def mpi_env() -> dict:
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def launch(n: int, args: list, timeout: float = 240, env_extra: dict | None = None, cwd=None):
+    env = mpi_env()
+    env.update(env_extra or {})
+    cmd = mpirun_prefix(n) + [sys.executable, "-m", "collafuse_mpi.run", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def tiny_config(output) -> config.Config:
+    cfg = config.Config()
+    cfg.train.steps, cfg.train.batch_size = 4, 4
+    cfg.diffusion.timesteps, cfg.diffusion.sample_steps = 10, 4
+    cfg.sample.samples_per_client = 4
+    cfg.run.output, cfg.run.quiet = str(output), True
+    return cfg
