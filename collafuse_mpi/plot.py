@@ -233,18 +233,25 @@ def load(paths) -> tuple[list, list]:
 
 # ----------------------------------------------------------------------------- figure helpers
 
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained", dpi=DPI)
-    return fig
+def new_figure(width: float, height: float):
+    """A constrained-layout figure; returns the SubFigure to draw in (notes go in a strip below it)."""
+    root = Figure(figsize=(width, height), layout="constrained", dpi=DPI)
+    body, foot = root.subfigures(2, 1, height_ratios=[height, 1e-3])
+    body.root, body.foot, body.height = root, foot, height
+    return body
 
 
-def footnote(fig: Figure, lines: list):
-    """Notes under the figure (outside the layout; savefig's tight bbox keeps them)."""
+def footnote(fig, lines: list):
+    """Notes in a strip under the figure, sized to fit them."""
     if not lines:
         return
-    width_chars = max(int(fig.get_figwidth() * 15), 40)
+    root = fig.root
+    width_chars = max(int(root.get_figwidth() * 15), 40)
     text = "\n".join(textwrap.fill(f"\u2022 {ln}", width_chars, subsequent_indent="  ") for ln in lines)
-    fig.text(0.01, -0.01, text, ha="left", va="top", fontsize=7.5, color="0.25")
+    h = 0.13 * (text.count("\n") + 1) + 0.12
+    root.set_size_inches(root.get_figwidth(), fig.height + h)
+    fig._subplotspec.get_gridspec().set_height_ratios([fig.height, h])
+    fig.foot.text(0.01, 1.0, text, ha="left", va="top", fontsize=7.5, color="0.25")
 
 
 def empty_message(ax, msg: str):
@@ -254,15 +261,15 @@ def empty_message(ax, msg: str):
     ax.set_yticks([])
 
 
+PHASE_COLORS = {"data": "#8c564b", "noise": "#e377c2", "forward": "#2ca02c", "backward": "#d62728",
+                "optimizer": "#9467bd", "send": "#1f77b4", "recv": "#17becf", "wait": "#ff7f0e",
+                "sample": "#bcbd22", "metrics": "#7f7f7f", "checkpoint": "#393b79", "io": "#e7ba52"}
+OTHER_COLOR = "#d9d9d9"
+
+
 def phase_colors(phases) -> dict:
-    import matplotlib as mpl
-    cmap = mpl.colormaps["tab20"]
-    fixed = {"data": 0, "noise": 2, "forward": 4, "backward": 6, "optimizer": 8, "send": 10,
-             "recv": 12, "wait": 14, "sample": 16, "metrics": 18, "checkpoint": 1, "io": 3}
-    out = {}
-    for i, p in enumerate(phases):
-        out[p] = cmap(fixed.get(p, (2 * i + 5) % 20) / 19.99)
-    return out
+    extra = ["#637939", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
+    return {p: PHASE_COLORS.get(p, extra[i % len(extra)]) for i, p in enumerate(phases)}
 
 
 def time_unit(seconds_max: float) -> tuple[str, float]:
@@ -333,7 +340,7 @@ def fig_phases(ctx: Ctx):
         rest = np.array([(np.sum(v) - np.sum(v[shown])) if v is not None else 0.0 for _, v, _ in rows]) * scale
         if np.any(rest > 0):
             other_used = True
-            ax.bar(x, rest, 0.7, bottom=bottom, color="0.75", edgecolor="white", linewidth=0.3)
+            ax.bar(x, rest, 0.7, bottom=bottom, color=OTHER_COLOR, edgecolor="white", linewidth=0.3)
         walls = np.array([w for _, _, w in rows]) * scale
         ax.scatter(x, walls, marker="_", s=500, linewidths=2, color="black", zorder=3)
         for xi, (rank, v, _) in zip(x, rows):
@@ -356,7 +363,7 @@ def fig_phases(ctx: Ctx):
         ax.set_ylabel(f"median time per step ({unit})")
     handles = [Patch(color=colors[phases[i]], label=phases[i]) for i in reversed(shown)]
     if other_used:
-        handles.append(Patch(color="0.75", label="other (< 1% each)"))
+        handles.append(Patch(color=OTHER_COLOR, label="other (< 1% each)"))
     handles.append(Line2D([], [], color="black", marker="_", markersize=14, linestyle="none", mew=2,
                           label="median step\n(wall clock)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="phase", title_fontsize=8)
@@ -582,17 +589,16 @@ def fig_kid(ctx: Ctx):
             stem += f"-{_safe(str(dataset))}-{size}px-{channels}ch"
         fig = new_figure(8.5, 5.0)
         ax = fig.subplots()
-        handles = []
-        for n in sorted({r.n_clients for r, _, _ in items}):
+        ns = sorted({r.n_clients for r, _, _ in items})
+        for j, n in enumerate(ns):
+            off = _jitter(j, len(ns), 0.02)  # each client count a little apart on the cut axis
             sel = [(r, i, k) for r, i, k in items if r.n_clients == n]
-            # per client: every run's value, jittered a little by client index
-            xs = np.array([r.client_cut(i) + _jitter(i, n) for r, i, _ in sel])
+            xs = np.array([r.client_cut(i) + off + _jitter(i, n, 0.006) for r, i, _ in sel])
             ys = np.array([k["mean"] for _, _, k in sel])
             es = np.array([_num(k.get("std")) for _, _, k in sel])
             ax.errorbar(xs, ys, yerr=np.nan_to_num(es), fmt="o", ms=4, color=colors[n], alpha=0.45,
                         capsize=2, lw=0.8)
-            # mean over clients (and repeats) of each homogeneous configuration
-            by = {}
+            by = {}  # mean over clients (and repeated runs) of each homogeneous configuration
             for r, i, k in sel:
                 if not r.heterogeneous:
                     by.setdefault(r.cut, []).append(k["mean"])
@@ -600,13 +606,12 @@ def fig_kid(ctx: Ctx):
                 cx = np.array(sorted(by))
                 cm = np.array([np.mean(by[c]) for c in cx])
                 cs = np.array([np.std(by[c]) if len(by[c]) > 1 else 0.0 for c in cx])
-                ax.errorbar(cx, cm, yerr=cs, fmt="-D", ms=7, color=colors[n], capsize=4, lw=1.8, zorder=3)
-            cl = f"{n} client{'s' if n != 1 else ''}"
-            handles.append(Line2D([], [], color=colors[n], marker="o", ms=4, alpha=0.45, linestyle="none",
-                                  label=f"{cl}: each client (\u00b1 KID std over subsets)"))
-            if by:
-                handles.append(Line2D([], [], color=colors[n], marker="D", ms=6, linestyle="-",
-                                      label=f"{cl}: mean over clients (\u00b1 std over clients)"))
+                ax.errorbar(cx + off, cm, yerr=cs, fmt="-D", ms=7, color=colors[n], capsize=4, lw=1.8, zorder=3)
+        handles = _series_legend(ns, colors, [
+            Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none",
+                   label="each client (\u00b1 KID std over subsets)"),
+            Line2D([], [], color="0.3", marker="D", ms=6, linestyle="-",
+                   label="mean over clients (\u00b1 std over clients)")])
         cut_axis(ax)
         ax.set_ylabel(f"KID, {features} features (unbiased MMD\u00b2, dimensionless)")
         ax.axhline(0, color="0.6", lw=0.6)
@@ -624,6 +629,12 @@ def fig_kid(ctx: Ctx):
         footnote(fig, notes)
         out.append((stem, fig))
     return out
+
+
+def _series_legend(ns, colors, styles) -> list:
+    """Colour = number of clients, then the marker/line styles in grey."""
+    out = [Patch(color=colors[n], label=f"{n} client{'s' if n != 1 else ''}") for n in ns]
+    return out + styles
 
 
 def _safe(s: str) -> str:
@@ -980,11 +991,11 @@ def _steps(value):
     return int(m.group(1)), int(m.group(2))
 
 
-def save(fig: Figure, out_dir: str, stem: str, formats) -> list:
+def save(fig, out_dir: str, stem: str, formats) -> list:
     paths = []
     for fmt in formats:
         path = os.path.join(out_dir, f"{stem}.{fmt}")
-        fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+        fig.root.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
         paths.append(path)
     return paths
 
