@@ -121,8 +121,9 @@ def _mpi_libraries():
 class MPITransport:
     """Point-to-point tensors over an mpi4py communicator."""
 
-    def __init__(self, comm=None, cuda_aware: str = "auto"):
+    def __init__(self, comm=None, cuda_aware: str = "auto", timeout: float = 600.0):
         from mpi4py import MPI
+        self.timeout = timeout
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
@@ -169,8 +170,23 @@ class MPITransport:
         self.isend(dest, kind, client, step, tensor, meta).wait()
 
     def probe(self, source: int, kind: int) -> None:
-        """Block until a message of this kind from source is ready (time spent here is idle wait)."""
-        self.comm.Probe(source=source, tag=_tags(kind)[0])
+        """Block until a message of this kind from source is ready (time spent here is idle wait).
+
+        Polls with short sleeps instead of a blocking Probe: an idle rank then leaves its core to
+        ranks that compute (oversubscribed CPU runs), and a peer that stops answering is reported
+        after `timeout` seconds instead of hanging the job.
+        """
+        tag = _tags(kind)[0]
+        if self.comm.Iprobe(source=source, tag=tag):
+            return
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not self.comm.Iprobe(source=source, tag=tag):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
+                                   f"{source} within {self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
     def recv(self, source: int, kind: int, device: torch.device = torch.device("cpu")):
         header = np.empty(HEADER_LEN, dtype=np.int64)
@@ -256,6 +272,7 @@ class LoopbackTransport:
         self.rank, self.size, self._mail, self._barrier = rank, size, mailboxes, barrier
         self.local_rank = rank
         self.stats = Stats()
+        self.timeout = 600.0
         self._peeked = {}
 
     @staticmethod
@@ -279,7 +296,11 @@ class LoopbackTransport:
     def probe(self, source, kind):
         key = (source, kind)
         if key not in self._peeked:
-            self._peeked[key] = self._mail.box(source, self.rank, kind).get()
+            try:
+                self._peeked[key] = self._mail.box(source, self.rank, kind).get(timeout=self.timeout)
+            except queue.Empty:
+                raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
+                                   f"{source} within {self.timeout:g} s") from None
 
     def recv(self, source, kind, device=torch.device("cpu")):
         self.probe(source, kind)

@@ -125,6 +125,12 @@ class RunConfig:
     """Folder for final models and samples ('' = next to `output`, named after the run)."""
     quiet: bool = False
     """No progress bar."""
+    flush_every: int = 25
+    """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
+    recv_timeout: float = 600.0
+    """Seconds a rank waits for a peer's message before it ends the job naming that peer."""
+    save_models: bool = True
+    """Save each rank's final (EMA) model and each client's samples under `save_dir`."""
 
 
 @dataclass
@@ -280,6 +286,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")
     _check(r.cuda_aware in TRISTATE, f"run.cuda_aware must be one of {', '.join(TRISTATE)}")
     _check(isinstance(r.torch_threads, int) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
+    _check(isinstance(r.flush_every, int) and r.flush_every >= 0, "run.flush_every must be >= 0")
+    _check(_is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
     _check(bool(r.output), "run.output must be a file path")
     _check(not os.path.isdir(r.output), f"output {r.output} is a folder, not a file")
     out_dir = os.path.dirname(os.path.abspath(r.output))

@@ -27,6 +27,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 import click
+import h5py
 import matplotlib
 
 matplotlib.use("Agg")
@@ -214,10 +215,17 @@ def load(paths) -> tuple[list, list]:
         if os.path.isdir(p):
             problems.append(f"{p}: is a folder, not a results file")
             continue
+        if not os.access(p, os.R_OK):
+            problems.append(f"{p}: permission denied")
+            continue
         try:
             data = results.read(p)
         except results.ResultsError as exc:
-            problems.append(str(exc))
+            msg = str(exc)
+            if msg.endswith("is not an HDF5 file") and _is_hdf5(p):
+                msg = (f"{p} is an HDF5 file but cannot be opened (a running job may hold it open for writing; "
+                       "retry when it ends, or set HDF5_USE_FILE_LOCKING=FALSE)")
+            problems.append(msg)
             continue
         except (OSError, KeyError, ValueError, TypeError) as exc:
             problems.append(f"{p}: cannot be read as a results file ({type(exc).__name__}: {exc})")
@@ -229,6 +237,13 @@ def load(paths) -> tuple[list, list]:
             seen.add((real, name))
             runs.append(Run(p, name, d))
     return runs, problems
+
+
+def _is_hdf5(path: str) -> bool:
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- figure helpers
@@ -426,6 +441,10 @@ def fig_timeline(ctx: Ctx):
                     ax.text((a - t0) * scale, y - 0.40, f" step {int(s)}", fontsize=6, va="top", ha="left",
                             color="0.3", clip_on=True)
             e = evs[rank]
+            if not len(e) and not len(st):
+                none = "no training steps" if not n_steps(run.ranks[rank]) else "no events in these steps"
+                ax.text(0.005, y, none, transform=ax.get_yaxis_transform(), va="center", ha="left",
+                        fontsize=8, color="0.4")
             for pi in np.unique(e[:, 1]).astype(int):
                 sel = e[e[:, 1] == pi]
                 name = phases[pi] if pi < len(phases) else f"phase {pi}"
@@ -437,7 +456,10 @@ def fig_timeline(ctx: Ctx):
         ax.set_xlim(0, span * scale * 1.01)
         ax.set_xlabel(f"time since the window's first event ({unit}; every rank on rank 0's clock)")
         sub = run.name + (f", latest of {count} runs" if count > 1 else "")
-        ax.set_title(f"{run.label}: steps {first}-{last}  ({sub})", fontsize=9)
+        shown = np.concatenate([e[:, 0] for e in evs.values()] + [st for st, _, _ in steps.values()])
+        lo, hi = int(shown.min()), int(shown.max())
+        ax.set_title(f"{run.label}: step{'s' if hi > lo else ''} {lo}{f'-{hi}' if hi > lo else ''}  ({sub})",
+                     fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     handles = [Patch(color=colors[p], label=p) for p in phases if p in used]
     handles.append(Patch(facecolor="0.93", edgecolor="0.55", label="step (start to end;\nuncovered = untimed)"))
@@ -537,8 +559,8 @@ def fig_energy(ctx: Ctx):
                      + _summarize(unavailable) + ".")
         ctx.note("energy", "no energy reading for " + _summarize(unavailable))
     if shared:
-        notes.append("Sharing a device counter with another rank, counted once under that rank: "
-                     + _summarize(shared) + ".")
+        notes.append("Not plotted because they share a device (and its energy counter) with another rank, whose "
+                     "value then covers both: " + _summarize(shared) + ".")
     if any(r["short"] for r in rows):
         notes.append("Hollow markers: training window shorter than two meter updates "
                      "(energy_short_window), the value is not trustworthy.")
@@ -661,43 +683,41 @@ def fig_disclosure(ctx: Ctx):
         raise Missing("no disclosure metrics (metrics/client_<i>/training_disclosure or sampling_disclosure) in "
                       "any run; clients with cut 1 send nothing to the server and have none")
     colors = ctx.n_colors()
+    ns = sorted({it[0].n_clients for it in td + sd})
     fig = new_figure(14.0, 4.6)
     axes = fig.subplots(1, 3)
-    handles = {}
 
-    def draw(ax, items, col, label_what, marker="o", ls="-", mean_only=False):
-        for n in sorted({it[0].n_clients for it in items}):
+    def draw(ax, items, col, ls="-", clients=True):
+        for j, n in enumerate(ns):
+            off = _jitter(j, len(ns), 0.02)
             sel = [it for it in items if it[0].n_clients == n]
-            if not mean_only:
-                xs = np.array([it[0].client_cut(it[1]) + _jitter(it[1], n) for it in sel])
-                ax.scatter(xs, [it[col] for it in sel], s=14, color=colors[n], alpha=0.45, marker=marker)
+            if not sel:
+                continue
+            if clients:
+                xs = np.array([it[0].client_cut(it[1]) + off + _jitter(it[1], n, 0.006) for it in sel])
+                ax.scatter(xs, [it[col] for it in sel], s=14, color=colors[n], alpha=0.45)
             by = {}
             for it in sel:
                 by.setdefault(round(it[0].client_cut(it[1]), 6), []).append(it[col])
             cx = np.array(sorted(by))
-            cm = np.array([np.nanmean(by[c]) for c in cx])
-            ax.plot(cx, cm, ls, marker=marker if not mean_only else None, color=colors[n], lw=1.5,
-                    ms=6 if not mean_only else 0)
-            handles[(n, label_what)] = Line2D([], [], color=colors[n], linestyle=ls,
-                                              marker=None if mean_only else marker,
-                                              label=f"{n} client{'s' if n != 1 else ''}: {label_what}")
+            ax.plot(cx + off, [np.nanmean(by[c]) for c in cx], ls, marker="D" if clients else None,
+                    color=colors[n], lw=1.5, ms=5)
 
-    ax = axes[0]
     if td:
-        draw(ax, td, 2, "measured MSE (dots: clients, line: mean)")
-        draw(ax, td, 3, "analytic MSE of the same estimator (floor_mse)", ls="--", mean_only=True)
-        ax.set_ylim(bottom=0)
+        draw(axes[0], td, 2)
+        draw(axes[0], td, 3, ls="--", clients=False)
+        axes[0].set_ylim(bottom=0)
     else:
-        empty_message(ax, "no training disclosure in any run")
-    ax.set_ylabel("MSE per pixel (images in [-1, 1])")
-    ax.set_title("Training: server's best linear reconstruction\nof x0 from x_k (lower = more disclosed)",
-                 fontsize=9.5)
+        empty_message(axes[0], "no training disclosure in any run")
+    axes[0].set_ylabel("MSE per pixel (images in [-1, 1])")
+    axes[0].set_title("Training: server's best linear reconstruction\nof x0 from x_k (lower = more disclosed)",
+                      fontsize=9.5)
     for ax, col, ylabel, title in ((axes[1], 2, "MSE per pixel (images in [-1, 1])",
                                     "Sampling: server view vs final sample,\nMSE (lower = more disclosed)"),
                                    (axes[2], 3, "SSIM (dimensionless, 1 = identical)",
                                     "Sampling: server view vs final sample,\nSSIM (higher = more disclosed)")):
         if sd:
-            draw(ax, sd, col, "clients (dots) and mean (line)")
+            draw(ax, sd, col)
         else:
             empty_message(ax, "no sampling disclosure in any run")
         ax.set_ylabel(ylabel)
@@ -705,7 +725,13 @@ def fig_disclosure(ctx: Ctx):
     for ax in axes:
         if ax.has_data():
             cut_axis(ax)
-    fig.legend(handles=list(handles.values()), loc="outside lower center", ncols=2, fontsize=8)
+    styles = [Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none", label="each client"),
+              Line2D([], [], color="0.3", marker="D", ms=5, linestyle="-", label="mean over clients")]
+    if td:
+        styles.append(Line2D([], [], color="0.3", linestyle="--",
+                             label="training: analytic MSE of that estimator (floor_mse), mean"))
+    fig.legend(handles=_series_legend(ns, colors, styles), loc="outside lower center", ncols=3 + len(ns),
+               fontsize=8)
     fig.suptitle("Disclosure against cut ratio", fontsize=11)
     notes = []
     if none:
@@ -870,6 +896,8 @@ def fig_samples(ctx: Ctx):
         fn = []
         if not any("real" in run.samples(i) for i in clients):
             fn.append("Real images: not stored in the results file (no samples/client_<i>/real).")
+        if not any("server_view" in run.samples(i) for i in clients):
+            fn.append("Server view: none, every client samples its whole chain itself (k = T).")
         footnote(fig, fn)
         out.append((f"samples-{run.slug}", fig))
     for n in notes:
@@ -921,7 +949,7 @@ def fig_scaling(ctx: Ctx):
     cmap = mpl.colormaps["viridis"]
     fig = new_figure(11.5, 4.4)
     ax_t, ax_w = fig.subplots(1, 2)
-    handles = []
+    handles, wmax = [], 0.0
     for j, cut in enumerate(cuts):
         color = cmap(0.05 + 0.85 * j / max(len(cuts) - 1, 1))
         sel = [p for p in pts if p[0].key[0] == cut]
@@ -937,7 +965,10 @@ def fig_scaling(ctx: Ctx):
             if col == 2:
                 m, s = m * 100, s * 100
             if np.isfinite(m).any():
-                ax.errorbar(ns, m, yerr=s, marker="o", color=color, capsize=3, lw=1.5)
+                ax.errorbar(np.array(ns) + _jitter(j, len(cuts), 0.04), m, yerr=s, marker="o", color=color,
+                            capsize=3, lw=1.5)
+                if col == 2:
+                    wmax = max(wmax, float(np.nanmax(m + s)))
         label = config_label((cut, 0)).rsplit(",", 1)[0]
         handles.append(Line2D([], [], color=color, marker="o", label=label))
     ns_all = sorted({r.n_clients for r, _, _ in pts})
@@ -951,7 +982,8 @@ def fig_scaling(ctx: Ctx):
     ax_t.set_title("Training throughput (non-warm-up steps)", fontsize=10)
     ax_w.set_ylabel("server time waiting for clients (% of step time)")
     ax_w.set_title("Server wait fraction (non-warm-up steps)", fontsize=10)
-    ax_w.set_ylim(0, 100)
+    top = min(100.0, max(5.0, 1.2 * wmax))
+    ax_w.set_ylim(-0.03 * top, top)
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="cut ratio", title_fontsize=8)
     fig.suptitle("Scaling with the number of clients (mean \u00b1 std over repeated runs)", fontsize=11)
     notes = ["Throughput: images in the clients' non-warm-up steps / time from the first such step's start to "

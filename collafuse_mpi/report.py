@@ -56,10 +56,9 @@ def _comm_table(rows) -> dict:
             "bytes": np.array(b, dtype=np.int64), "messages": np.array(c, dtype=np.int64)}
 
 
-def finish(writer, name, everyone, cfg, progress: bool):
+def write_ranks(writer, name, everyone):
     from .energy import owners
-    keys = [r["energy_device"] for r in everyone]
-    own = owners(keys)
+    own = owners([r["energy_device"] for r in everyone])
     for r, o in zip(everyone, own):
         attrs = {"role": r["role"], "host": r["host"], "device": r["device"], "k": r["k"],
                  "energy_source": r["energy_source"], "energy_device": r["energy_device"],
@@ -70,6 +69,10 @@ def finish(writer, name, everyone, cfg, progress: bool):
         arrays["windows"] = r["windows"]
         arrays["comm"] = _comm_table(r["comm"])
         writer.write_rank(name, r["rank"], arrays, attrs)
+
+
+def finish(writer, name, everyone, cfg):
+    write_ranks(writer, name, everyone)
     metrics = {f"client_{r['rank'] - 1}": r["metrics"] for r in everyone if r["role"] == "client"}
     writer.write_group(name, "metrics", metrics)
     writer.write_group(name, "samples", {f"client_{r['rank'] - 1}": r["samples"]
@@ -77,6 +80,6 @@ def finish(writer, name, everyone, cfg, progress: bool):
     writer.update_run(name, status="complete", end_time=_now(),
                       hosts=[r["host"] for r in everyone],
                       rank_device_map=[r["device"] for r in everyone])
-    if progress or True:
-        print(f"collafuse_mpi: results in {os.path.abspath(cfg.run.output)} (run {name})\n"
-              f"  plot them with: collafuse-plot {cfg.run.output}", flush=True)
+    # printed even with --quiet: a job's log must say where its results went
+    print(f"collafuse_mpi: results in {os.path.abspath(cfg.run.output)} (run {name})\n"
+          f"  plot them with: collafuse-plot {cfg.run.output}", flush=True)

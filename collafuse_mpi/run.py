@@ -58,6 +58,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     from .training import pick_device, sync_fn
 
     check(cfg, tp)
+    tp.timeout = cfg.run.recv_timeout
     torch.set_num_threads(cfg.run.torch_threads)
     n_clients = tp.size - 1
     ks = cfg.cut_steps(n_clients)
@@ -72,36 +73,78 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     tp.barrier()
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
-            "path": tp.path(device), "metrics": {}, "samples": {}}
+            "path": tp.path(device), "metrics": {}, "samples": {},
+            "role": "server" if tp.rank == 0 else "client", "k": ks[tp.rank - 1] if tp.rank else -1}
     if device.type == "cuda":
         mine["device_info"] = energy.device_info(device.index)
+    # Flushes are collective; they are safe only when the server trains in step with the clients.
+    flush_every = cfg.run.flush_every if any(k < cfg.diffusion.timesteps for k in ks) else 0
+    flush = Flusher(tp, timer, mine, writer, run_name, flush_every)
     if tp.rank == 0:
-        role = _server_role(cfg, tp, ks, device, timer, progress)
+        _server_role(cfg, tp, ks, device, timer, progress, flush)
     else:
-        role = _client_role(cfg, tp, ks, device, timer, mine)
+        _client_role(cfg, tp, ks, device, timer, mine, flush)
     meter.close()
-    mine.update(role=role, k=ks[tp.rank - 1] if tp.rank else -1, arrays=timer.arrays(),
-                windows=timer.windows, comm=tp.stats.rows())
+    mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
     everyone = tp.gather_obj(mine)
     if tp.rank == 0:
         from .report import finish
-        finish(writer, run_name, everyone, cfg, progress)
+        finish(writer, run_name, everyone, cfg)
     return mine
 
 
-def _server_role(cfg, tp, ks, device, timer, progress):
+class Flusher:
+    """Every `every` steps, rank 0 gathers and writes each rank's completed steps, so a crash
+    later in the run still leaves them in the file."""
+
+    def __init__(self, tp, timer, mine, writer, run_name, every: int):
+        self.tp, self.timer, self.mine, self.writer, self.run_name, self.every = tp, timer, mine, writer, run_name, every
+
+    def __call__(self, step: int, loss: float):
+        if not self.every or (step + 1) % self.every:
+            return
+        with self.timer.phase("io"):
+            part = dict(self.mine, arrays=self.timer.arrays(), comm=self.tp.stats.rows(), windows={})
+            everyone = self.tp.gather_obj(part)
+            if self.tp.rank == 0:
+                from .report import write_ranks
+                write_ranks(self.writer, self.run_name, everyone)
+                self.writer.update_run(self.run_name, steps_written=step + 1)
+
+
+def _save(cfg, tp, name: str, obj, timer):
+    """Final models and samples go to run.save_dir (default: next to the results file)."""
+    import torch
+    if not cfg.run.save_models:
+        return
+    folder = cfg.run.save_dir or os.path.splitext(os.path.abspath(cfg.run.output))[0] + "-models"
+    with timer.phase("checkpoint"):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{tp.rank}-{name}.pt")
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+
+
+def _server_role(cfg, tp, ks, device, timer, progress, flush):
     from .server import Server
     server = Server(cfg, tp, ks, device, timer)
-    bar = Progress(cfg.train.steps, progress and bool(server.senders))
+    bar = Progress(cfg.train.steps, progress and bool(server.senders),
+                   cfg.train.batch_size * len(server.senders))
+
+    def on_step(step, loss):
+        bar.update(step, loss)
+        flush(step, loss)
+
     with timer.window("train"):
-        server.train(on_step=bar.update)
+        server.train(on_step=on_step)
     bar.close()
     with timer.window("sample"):
         server.serve_samples()
-    return "server"
+    if server.learner is not None:
+        _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer)
 
 
-def _client_role(cfg, tp, ks, device, timer, mine):
+def _client_role(cfg, tp, ks, device, timer, mine, flush):
     from .client import Client
     from .data import client_data
     from .evaluate import evaluate_client
@@ -110,28 +153,34 @@ def _client_role(cfg, tp, ks, device, timer, mine):
         data = client_data(cfg, index, tp.size - 1)
     client = Client(cfg, tp, index, ks[index], device, timer, data)
     with timer.window("train"):
-        client.train()
+        client.train(on_step=flush)
     with timer.window("sample"):
         final, view = client.sample()
     with timer.window("metrics"), timer.loose("metrics"):
         mine["metrics"] = evaluate_client(client, final, view)
     mine["samples"] = client.sample_arrays(final, view)
     mine["n_train"], mine["n_heldout"] = len(data.train), len(data.heldout)
-    return "client"
+    state = {"samples": final.cpu(), "k": client.k}
+    if client.learner is not None:
+        state["ema"] = client.learner.ema.model.state_dict()
+    _save(cfg, tp, f"client{index}", state, timer)
 
 
 class Progress:
     """One line on rank 0: step, loss, images/s; only on a terminal and without --quiet."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, images_per_step: int):
         self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.images_per_step = images_per_step
         self.t0 = time.perf_counter()
 
     def update(self, step: int, loss: float):
         if not self.enabled:
             return
-        rate = (step + 1) / max(time.perf_counter() - self.t0, 1e-9)
-        sys.stderr.write(f"\rstep {step + 1}/{self.total}  server loss {loss:.4f}  {rate:.1f} steps/s ")
+        rate = (step + 1) * self.images_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        done = int(30 * (step + 1) / self.total)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step + 1}/{self.total}  "
+                         f"server loss {loss:.4f}  {rate:.0f} images/s ")
         sys.stderr.flush()
 
     def close(self):

@@ -443,6 +443,27 @@ def test_ddpm_step_into_cut_returns_predicted_x_k_without_noise(kind, T, k):
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,T,k", [("linear", 20, 5), ("cosine", 100, 40), ("cosine", 1000, 700)])
+def test_ddpm_step_is_sub_chain_posterior_with_g(kind, T, k):
+    """q(x_{t-1} | x_t, x_k) with g_t = abar_t / abar_k in place of abar, per-step beta unchanged."""
+    sched = Schedule(T, kind)
+    betas, abar = independent_schedule(T, kind)
+    shape = (3, 1, 4, 4)
+    g = gen(17)
+    for t in range(k + 2, T + 1):
+        x_t = torch.randn(shape, generator=g, dtype=DT)
+        eps_hat = torch.randn(shape, generator=g, dtype=DT)
+        g_t, g_prev = (abar[t] / abar[k]).item(), (abar[t - 1] / abar[k]).item()
+        beta = betas[t].item()
+        x_k_hat = (x_t - math.sqrt(1 - g_t) * eps_hat) / math.sqrt(g_t)
+        mean = (math.sqrt(g_prev) * beta / (1 - g_t)) * x_k_hat \
+            + (math.sqrt(1 - beta) * (1 - g_prev) / (1 - g_t)) * x_t
+        z = torch.randn(shape, generator=gen(t), dtype=DT)
+        want = mean + math.sqrt(beta * (1 - g_prev) / (1 - g_t)) * z
+        got = ddpm_step(sched, x_t, t, k, eps_hat, gen(t), False)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"t={t}")
+
+
 def oracle_for(sched, x_k, k):
     """Knows x_k: returns the eps for which x = sqrt(g_t) x_k + sqrt(1 - g_t) eps."""
     def model(x, t):
@@ -477,8 +498,10 @@ def test_server_chain_with_oracle_lands_on_x_k(kind, T, k, steps, sampler):
                                        rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind,T,k,t", [("cosine", 100, 40, 41 + 1), ("cosine", 100, 40, 100),
-                                        ("linear", 20, 5, 12), ("linear", 20, 0, 3)])
+@pytest.mark.parametrize("kind,T,k,t", [("cosine", 100, 40, 42), ("cosine", 100, 40, 47),
+                                        ("cosine", 100, 40, 100), ("linear", 20, 5, 7),
+                                        ("linear", 20, 5, 12), ("linear", 100, 37, 50),
+                                        ("cosine", 1000, 400, 430), ("linear", 20, 0, 3)])
 def test_ddpm_posterior_step_preserves_sub_chain_marginal(kind, T, k, t):
     """x_t ~ q(x_t | x_k), one step with the true anchor: x_{t-1} ~ q(x_{t-1} | x_k).
 
