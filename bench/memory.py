@@ -149,7 +149,9 @@ def main(argv=None):
         for rk in r["ranks"]:  # keep the record small: samples every ~1 s
             rk["samples"] = rk["samples"][::5]
     by_role = {}
-    for name, r in (("2_clients", long), ("8_clients", wide)):
+    names = {id(r): f"{r['n_ranks'] - 1}_clients" for r in (long, wide)}
+    for r in (long, wide):
+        name = names[id(r)]
         for role in ("server", "client"):
             v = [rk["ru_maxrss_kib"] for rk in r["ranks"] if rk["role"] == role]
             by_role[f"{name}_{role}_peak_mib_max"] = max(v) / 1024
@@ -164,10 +166,8 @@ def main(argv=None):
           common.table(["run", "rank", "role", "ru_maxrss MiB", "VmHWM MiB", "RSS at exit MiB",
                         "RSS at 10% of steps MiB", "RSS at last step MiB", "change MiB",
                         "slope 2nd half MiB/100 steps"], rows), "",
-          f"- peak RSS, 2 clients: server {by_role['2_clients_server_peak_mib_max']:.0f} MiB, "
-          f"client {by_role['2_clients_client_peak_mib_max']:.0f} MiB (max over clients)",
-          f"- peak RSS, 8 clients: server {by_role['8_clients_server_peak_mib_max']:.0f} MiB, "
-          f"client {by_role['8_clients_client_peak_mib_max']:.0f} MiB",
+          *[f"- peak RSS, {r['n_ranks'] - 1} clients: server {by_role[names[id(r)] + '_server_peak_mib_max']:.0f} MiB, "
+            f"client {by_role[names[id(r)] + '_client_peak_mib_max']:.0f} MiB (max over clients)" for r in (long, wide)],
           f"- long run ({long['steps']} steps): largest RSS slope over the second half of training "
           f"{max(long_slopes) / 1024:+.2f} MiB per 100 steps",
           "", "ru_maxrss and VmHWM are the whole process's peak (imports, data, training, sampling, "

@@ -239,6 +239,25 @@ def load(paths) -> tuple[list, list]:
     return runs, problems
 
 
+IGNORED_CONFIG = {"diffusion.cut", "diffusion.client_cuts", "run.output", "run.run_name", "run.if_exists",
+                  "run.seed", "run.quiet", "run.save_dir"}
+
+
+def config_differences(runs) -> dict:
+    """{dotted config key: sorted distinct values} for settings (other than the cut, the output and
+    the seed) that differ between the runs being merged."""
+    flat = []
+    for r in runs:
+        f = {}
+        for sec, vals in (r.d.get("config") or {}).items():
+            for k, v in (vals.items() if isinstance(vals, dict) else []):
+                f[f"{sec}.{k}"] = json.dumps(v, sort_keys=True)
+        flat.append(f)
+    keys = sorted(set().union(*flat)) if flat else []
+    return {k: sorted({f.get(k, "missing") for f in flat}) for k in keys
+            if k not in IGNORED_CONFIG and len({f.get(k, "missing") for f in flat}) > 1}
+
+
 def _is_hdf5(path: str) -> bool:
     try:
         return bool(h5py.is_hdf5(path))
@@ -723,6 +742,7 @@ def fig_disclosure(ctx: Ctx):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9.5)
     for ax in axes:
+        ax.ticklabel_format(axis="y", useOffset=False)
         if ax.has_data():
             cut_axis(ax)
     styles = [Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none", label="each client"),
@@ -764,8 +784,9 @@ def fig_bytes(ctx: Ctx):
                    key=lambda k: (k != "train_batch", k))
     labels = [r.label.replace(", ", "\n") for r in reps]
     x = np.arange(len(reps))
-    fig = new_figure(max(9.0, 1.2 * len(reps) * 2 + 2), 4.6)
-    ax_b, ax_w = fig.subplots(1, 2)
+    fig = new_figure(max(10.0, 1.2 * len(reps) * 2 + 2), 5.0)
+    sub_b, sub_w = fig.subfigures(1, 2)  # each panel with its own legend underneath
+    ax_b, ax_w = sub_b.subplots(), sub_w.subplots()
     # (a) bytes per training step through the server, per kind (amortised over the run's steps)
     width = 0.8 / max(len(kinds), 1)
     kind_colors = {k: f"C{i}" for i, k in enumerate(kinds)}
@@ -784,7 +805,8 @@ def fig_bytes(ctx: Ctx):
     ax_b.set_ylabel("bytes per training step at the server (B, log scale)")
     ax_b.set_title("Traffic per training step, by message kind\n(server's sent + received, headers included)",
                    fontsize=9.5)
-    ax_b.legend(fontsize=8, title="message kind", title_fontsize=8)
+    sub_b.legend(*ax_b.get_legend_handles_labels(), loc="outside lower center", ncols=len(kinds), fontsize=8,
+                 title="message kind", title_fontsize=8)
     # (b) achieved bandwidth of train_batch: bytes / time in the recv (server) and send (client) phases
     bw_server, bw_client, bw_client_s = [], [], []
     for r in reps:
@@ -800,7 +822,7 @@ def fig_bytes(ctx: Ctx):
     ax_w.set_ylabel("achieved bandwidth, train_batch (MB/s, log scale)")
     ax_w.set_title("Achieved bandwidth of train_batch messages\n(bytes / seconds in the phase, warm-up excluded)",
                    fontsize=9.5)
-    ax_w.legend(fontsize=8)
+    sub_w.legend(*ax_w.get_legend_handles_labels(), loc="outside lower center", ncols=1, fontsize=8)
     for ax in (ax_b, ax_w):
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_xlim(-0.6, len(reps) - 0.4)
@@ -1088,6 +1110,11 @@ def cli(files, output_dir, formats, only, timeline_steps):
     except OSError as exc:
         click.echo(f"{PROG}: error: cannot create output folder {output_dir}: {exc.strerror}", err=True)
         sys.exit(2)
+    diff = config_differences(usable)
+    if diff:
+        shown = "; ".join(f"{k} = {' / '.join(v)}" for k, v in list(diff.items())[:6])
+        click.echo(f"{PROG}: note: the runs differ in settings other than cut and client count, and are merged "
+                   f"by (cut, clients) regardless: {shown}" + (" ..." if len(diff) > 6 else ""), err=True)
     ctx = Ctx(usable, window)
     written, skipped = [], []
     for name in figures:
