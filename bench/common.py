@@ -58,7 +58,8 @@ def machine(comm=None) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "uname": uname,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "nproc": os.cpu_count(),  # the machine's; mpirun may bind a rank to fewer (affinity_cpus)
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -77,7 +78,7 @@ def machine(comm=None) -> dict:
         import mpi4py
         from mpi4py import MPI
         out["mpi4py"] = mpi4py.__version__
-        out["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+        out["mpi_library"] = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         if comm is not None:
             out["world_size"] = comm.Get_size()
     except ImportError:
@@ -134,7 +135,7 @@ def _json_default(o):
 
 
 def machine_md(m: dict) -> str:
-    keys = ("date_utc", "uname", "nproc", "cpu_model", "python", "torch", "numpy", "mpi4py",
+    keys = ("date_utc", "uname", "nproc", "affinity_cpus", "cpu_model", "python", "torch", "numpy", "mpi4py",
             "mpi_library", "h5py", "cuda_available", "gpu", "git_commit_head", "loadavg_1_5_15")
     return "\n".join(f"- {k}: `{m[k]}`" for k in keys if k in m)
 

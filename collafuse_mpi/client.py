@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import os
 
+import numpy as np
 import torch
 
 from . import comm, schedule
@@ -28,6 +30,9 @@ class Client:
             model = seeded(derive_seed(seed, self.rank, "init"),
                            lambda: UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout)).to(device)
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+        self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
+        if self.record_dir:
+            os.makedirs(self.record_dir, exist_ok=True)
         self.last_batch = None  # (x0, message) of the last step, for the disclosure measure
 
     @property
@@ -42,6 +47,8 @@ class Client:
             fault_point(self.rank, step)
             with timer.phase("data"):
                 x0 = next(self.batches).to(self.device)
+            if self.record_dir:  # testing hook: the true batches, to audit what the server got
+                np.save(os.path.join(self.record_dir, f"x0-client{self.index}-s{step}.npy"), x0.cpu().numpy())
             loss = torch.tensor(float("nan"))
             if self.learner is not None:
                 with timer.phase("noise"):
@@ -92,6 +99,8 @@ class Client:
 
     def sample_arrays(self, final, server_view) -> dict:
         out = {"generated": to_uint8(final)}
+        if self.cfg.run.store_real:  # only on request: these are the client's own images
+            out["real"] = to_uint8(torch.from_numpy(self.data.heldout[: len(final)]))
         if server_view is not None:
             # x_k is not in [-1, 1]; rescale by sqrt(abar_k) so it displays like an image.
             scale = self.sched.abar[self.k].sqrt().item()

@@ -64,6 +64,14 @@ class Stats:
         return [(d, k, p, self.bytes[(d, k, p)], self.count[(d, k, p)]) for (d, k, p) in sorted(self.bytes)]
 
 
+def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tensor) -> None:
+    """Testing hook (COLLAFUSE_RECORD_DIR): keep every received message, to audit what crossed."""
+    os.makedirs(folder, exist_ok=True)
+    name = f"recv-r{rank}-from{source}-{KIND_NAMES.get(info['kind'], info['kind'])}-s{info['step']}.npz"
+    np.savez(os.path.join(folder, name), payload=payload.detach().cpu().numpy(), meta=info["meta"],
+             client=info["client"], step=info["step"])
+
+
 class Handle:
     """A send in flight; keeps its buffers alive until it completes."""
 
@@ -131,6 +139,7 @@ class MPITransport:
         detected = cuda_aware_mpi()
         self.cuda_aware_detected = detected
         self.cuda_aware = detected if cuda_aware == "auto" else cuda_aware == "yes"
+        self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         self.stats = Stats()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
@@ -198,6 +207,8 @@ class MPITransport:
                           pin_memory=(device.type == "cuda" and not direct))
         self.comm.Recv(self._buf(out), source=source, tag=ptag)
         self.stats.add("recv", kind, source, out.numel() * out.element_size())
+        if self.record_dir:
+            record(self.record_dir, self.rank, source, info, out)
         if not direct:
             out = out.to(device, non_blocking=False)
         return info, out

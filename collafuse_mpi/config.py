@@ -129,6 +129,10 @@ class RunConfig:
     """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
     recv_timeout: float = 600.0
     """Seconds a rank waits for a peer's message before it ends the job naming that peer."""
+    pooled_kid: bool = True
+    """Pool KID over clients on rank 0; clients send it feature vectors of held-out images, never images."""
+    store_real: bool = False
+    """Store a grid of each client's held-out real images in the results file (off: client data stays out)."""
     save_models: bool = True
     """Save each rank's final (EMA) model and each client's samples under `save_dir`."""
 

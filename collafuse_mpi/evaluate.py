@@ -35,3 +35,24 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
         out["training_disclosure"] = metrics.training_disclosure(
             x0.cpu().double(), x_k, client.sched.abar[client.k].item())
     return out
+
+
+def client_features(client, final: torch.Tensor) -> dict:
+    """Feature vectors (never images) of the held-out set and the samples, for the pooled KID."""
+    real = torch.from_numpy(client.data.heldout)
+    return {"real": metrics.extract_features(real), "fake": metrics.extract_features(final.detach().cpu().float()),
+            "feature_set": metrics.feature_set()}
+
+
+def pooled_kid(feature_sets: list[dict], seed: int) -> dict:
+    """KID of all clients' samples against all clients' held-out images, on rank 0."""
+    if not feature_sets:
+        return {}
+    real = torch.cat([f["real"] for f in feature_sets])
+    fake = torch.cat([f["fake"] for f in feature_sets])
+    size = min(len(real), len(fake))
+    if size < 2:
+        return {}
+    out = metrics.kid_from_features(real, fake, subsets=10, subset_size=size, seed=seed)
+    out["features"] = feature_sets[0]["feature_set"]
+    return out

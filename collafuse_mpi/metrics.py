@@ -160,6 +160,38 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
             "n_real": int(n_real), "n_fake": int(n_fake)}
 
 
+def extract_features(images: Tensor, features: str = "auto") -> Tensor:
+    """[N, D] features of one image set with the given feature set (for pooling across ranks)."""
+    fs = feature_set(features)
+    if fs == "inception":
+        from torchmetrics.image.kid import KernelInceptionDistance
+        net, prep = KernelInceptionDistance(feature=2048).inception, _to_uint8_rgb
+    else:
+        net, prep = RandomConvFeatures(), (lambda x: x)  # noqa: E731
+    with torch.no_grad():
+        parts = [net(prep(images[i:i + _CHUNK].detach().cpu())) for i in range(0, images.shape[0], _CHUNK)]
+    return torch.cat(parts).double()
+
+
+def kid_from_features(real_f: Tensor, fake_f: Tensor, subsets: int = 10,
+                      subset_size: int | None = None, seed: int = 0) -> dict:
+    """KID from precomputed features: the same unbiased polynomial-kernel MMD as `kid`."""
+    from torchmetrics.image.kid import poly_mmd
+    n = min(real_f.shape[0], fake_f.shape[0])
+    subset_size = subset_size or min(n, 1000)
+    if subset_size < 2 or subset_size > n:
+        raise ValueError(f"subset_size must be in [2, {n}], got {subset_size}")
+    g = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        r = real_f[torch.randperm(real_f.shape[0], generator=g)[:subset_size]]
+        f = fake_f[torch.randperm(fake_f.shape[0], generator=g)[:subset_size]]
+        scores.append(poly_mmd(r, f, 3, None, 1.0))
+    scores = torch.stack(scores)
+    return {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False)),
+            "n_real": int(real_f.shape[0]), "n_fake": int(fake_f.shape[0])}
+
+
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError("expected two [N, C, H, W] tensors of the same shape, "

@@ -27,7 +27,6 @@ import textwrap
 from dataclasses import dataclass, field
 
 import click
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")
@@ -36,7 +35,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from . import results  # noqa: E402
+# h5py (through .results) is imported lazily, so that main() can first switch off HDF5 file locking.
 
 PROG = "collafuse-plot"
 FIGURES = ("phases", "timeline", "energy", "kid", "disclosure", "bytes", "samples", "scaling")
@@ -64,21 +63,28 @@ class Run:
         return self.d.get("ranks", {})
 
     @property
+    def config(self) -> dict:
+        c = _json(self.d.get("config"), {})
+        return c if isinstance(c, dict) else {}
+
+    @property
     def n_clients(self) -> int:
         n = self.d.get("n_clients")
         return int(n) if _finite(n) else max(len(self.ranks) - 1, 0)
 
     @property
     def timesteps(self) -> int:
-        return int(self.d.get("timesteps") or self.d["config"].get("diffusion", {}).get("timesteps", 0))
+        return int(self.d.get("timesteps") or self.config.get("diffusion", {}).get("timesteps", 0))
 
     @property
     def cut(self) -> float:
-        return float(self.d.get("cut", self.d["config"].get("diffusion", {}).get("cut", float("nan"))))
+        return float(self.d.get("cut", self.config.get("diffusion", {}).get("cut", float("nan"))))
 
     @property
     def ks(self) -> list:
         ks = _json(self.d.get("cut_k"), None)
+        if isinstance(ks, np.ndarray):
+            ks = ks.tolist()
         if not isinstance(ks, list):
             ks = [int(self.ranks[r].get("k", -1)) for r in sorted(self.ranks) if r > 0]
         return [int(k) for k in ks]
@@ -207,6 +213,7 @@ class Ctx:
 
 def load(paths) -> tuple[list, list]:
     """(runs, problems). A problem is a file that is missing or not a results file."""
+    from . import results
     runs, problems, seen = [], [], set()
     for p in paths:
         if not os.path.exists(p):
@@ -249,7 +256,7 @@ def config_differences(runs) -> dict:
     flat = []
     for r in runs:
         f = {}
-        for sec, vals in (r.d.get("config") or {}).items():
+        for sec, vals in r.config.items():
             for k, v in (vals.items() if isinstance(vals, dict) else []):
                 f[f"{sec}.{k}"] = json.dumps(v, sort_keys=True)
         flat.append(f)
@@ -259,6 +266,7 @@ def config_differences(runs) -> dict:
 
 
 def _is_hdf5(path: str) -> bool:
+    import h5py
     try:
         return bool(h5py.is_hdf5(path))
     except OSError:
@@ -527,8 +535,8 @@ def fig_energy(ctx: Ctx):
                          "short": bool(w.get("energy_short_window", False))})
     if not rows:
         what = "every rank of every run" if not shared else "every rank that owns its device counter"
-        raise Missing(f"no energy readings: energy_source is 'unavailable' or the train window's energy_j is "
-                      f"NaN on {what} (ranks/<r>/windows/train@energy_j)")
+        raise Missing(f"no energy readings: energy_source is 'unavailable', or the train window's energy_j is "
+                      f"NaN or absent (incomplete run), on {what} (ranks/<r>/windows/train@energy_j)")
     colors = ctx.n_colors()
     fig = new_figure(11.5, 4.3)
     ax_e, ax_i = fig.subplots(1, 2)
@@ -575,11 +583,11 @@ def fig_energy(ctx: Ctx):
     notes = []
     if unavailable:
         notes.append("No energy reading (energy_source 'unavailable' or NaN), not plotted: "
-                     + _summarize(unavailable) + ".")
-        ctx.note("energy", "no energy reading for " + _summarize(unavailable))
+                     + _summarize(unavailable, ctx) + ".")
+        ctx.note("energy", "no energy reading for " + _summarize(unavailable, ctx))
     if shared:
         notes.append("Not plotted because they share a device (and its energy counter) with another rank, whose "
-                     "value then covers both: " + _summarize(shared) + ".")
+                     "value then covers both: " + _summarize(shared, ctx) + ".")
     if any(r["short"] for r in rows):
         notes.append("Hollow markers: training window shorter than two meter updates "
                      "(energy_short_window), the value is not trustworthy.")
@@ -592,12 +600,17 @@ def fig_energy(ctx: Ctx):
     return [("energy", fig)]
 
 
-def _summarize(items) -> str:
-    """'server and clients of cut 0.4, 2 clients; server of cut 1, 2 clients' from (run, rank, role)."""
-    by = {}
+def _summarize(items, ctx: "Ctx | None" = None) -> str:
+    """'server and clients of cut 0.4, 2 clients (1 of 3 runs); ...' from (run, rank, role) items."""
+    by, runs = {}, {}
     for run, rank, role in items:
-        by.setdefault(run.label, set()).add("server" if role == "server" else "clients")
-    parts = [f"{' and '.join(sorted(v, reverse=True))} of {k}" for k, v in by.items()]
+        by.setdefault(run.key, set()).add("server" if role == "server" else "clients")
+        runs.setdefault(run.key, set()).add(id(run))
+    parts = []
+    for key, roles in by.items():
+        total = len(ctx.groups.get(key, [])) if ctx is not None else 0
+        some = f" ({len(runs[key])} of {total} runs)" if total > len(runs[key]) else ""
+        parts.append(f"{' and '.join(sorted(roles, reverse=True))} of {config_label(key)}{some}")
     return "; ".join(parts)
 
 
@@ -607,7 +620,7 @@ def fig_kid(ctx: Ctx):
     sets = {}  # (features, dataset, size, channels) -> [(run, client index, kid dict)]
     no_kid = []
     for run in ctx.runs:
-        dc = run.d["config"].get("data", {})
+        dc = run.config.get("data", {})
         for i in range(run.n_clients):
             k = run.metrics(i).get("kid")
             if not isinstance(k, dict) or not _finite(k.get("mean")):
@@ -619,7 +632,7 @@ def fig_kid(ctx: Ctx):
     if not sets:
         raise Missing("no KID values (metrics/client_<i>/kid@mean) in any run")
     if no_kid:
-        ctx.note("kid", "no KID for " + _summarize(no_kid))
+        ctx.note("kid", "no KID for " + _summarize(no_kid, ctx))
     feats = [k[0] for k in sets]
     out = []
     colors = ctx.n_colors()
@@ -755,7 +768,7 @@ def fig_disclosure(ctx: Ctx):
     fig.suptitle("Disclosure against cut ratio", fontsize=11)
     notes = []
     if none:
-        notes.append("No disclosure metrics (nothing sent to the server, cut 1) for " + _summarize(none) + ".")
+        notes.append("No disclosure metrics (nothing sent to the server, cut 1) for " + _summarize(none, ctx) + ".")
     ests = sorted({it[4] for it in td})
     if ests:
         notes.append(f"Training: MSE of the better of the rescale and Wiener estimates (chosen here: "
@@ -794,7 +807,7 @@ def fig_bytes(ctx: Ctx):
     for j, kind in enumerate(kinds):
         vals = []
         for r in reps:
-            steps = int(r.d["config"].get("train", {}).get("steps", 0)) or max(
+            steps = int(r.config.get("train", {}).get("steps", 0)) or max(
                 (n_steps(g) for g in r.ranks.values()), default=0)
             tot = sum(int(b) for g in [r.ranks.get(0, {})] for d, k, _, b, _ in _comm_rows(g) if str(k) == kind)
             vals.append(tot / steps if steps else np.nan)
@@ -1145,6 +1158,10 @@ def cli(files, output_dir, formats, only, timeline_steps):
 
 
 def main():
+    # Read without taking HDF5's file lock: a run still writing the file reopens it at every flush
+    # and must never fail because someone is plotting it. Only effective before h5py is imported;
+    # export HDF5_USE_FILE_LOCKING=TRUE to keep locking.
+    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
     cli(prog_name=PROG)
 
 

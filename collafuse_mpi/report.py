@@ -71,9 +71,11 @@ def write_ranks(writer, name, everyone):
         writer.write_rank(name, r["rank"], arrays, attrs)
 
 
-def finish(writer, name, everyone, cfg):
+def finish(writer, name, everyone, cfg, pooled: dict):
     write_ranks(writer, name, everyone)
     metrics = {f"client_{r['rank'] - 1}": r["metrics"] for r in everyone if r["role"] == "client"}
+    if pooled:
+        metrics["pooled"] = {"kid": pooled}
     writer.write_group(name, "metrics", metrics)
     writer.write_group(name, "samples", {f"client_{r['rank'] - 1}": r["samples"]
                                          for r in everyone if r["role"] == "client"})

@@ -87,9 +87,14 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
     everyone = tp.gather_obj(mine)
+    mine.pop("features", None)
     if tp.rank == 0:
+        from .evaluate import pooled_kid
         from .report import finish
-        finish(writer, run_name, everyone, cfg)
+        with timer.window("metrics"):
+            pooled = pooled_kid([r.pop("features") for r in everyone if "features" in r], cfg.run.seed)
+        everyone[0]["windows"] = timer.windows
+        finish(writer, run_name, everyone, cfg, pooled)
     return mine
 
 
@@ -147,7 +152,7 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush):
 def _client_role(cfg, tp, ks, device, timer, mine, flush):
     from .client import Client
     from .data import client_data
-    from .evaluate import evaluate_client
+    from .evaluate import client_features, evaluate_client
     index = tp.rank - 1
     with timer.window("data_load"):
         data = client_data(cfg, index, tp.size - 1)
@@ -158,6 +163,8 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush):
         final, view = client.sample()
     with timer.window("metrics"), timer.loose("metrics"):
         mine["metrics"] = evaluate_client(client, final, view)
+        if cfg.run.pooled_kid:
+            mine["features"] = client_features(client, final)
     mine["samples"] = client.sample_arrays(final, view)
     mine["n_train"], mine["n_heldout"] = len(data.train), len(data.heldout)
     state = {"samples": final.cpu(), "k": client.k}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import torch
@@ -34,10 +35,13 @@ def seeded(seed: int, build):
 
 
 def fault_point(rank: int, step: int) -> None:
-    """Testing hook: COLLAFUSE_FAIL_AT=rank:step raises there, to exercise the abort path."""
-    spec = os.environ.get("COLLAFUSE_FAIL_AT")
-    if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected failure at step {step} (COLLAFUSE_FAIL_AT={spec})")
+    """Testing hooks: COLLAFUSE_FAIL_AT=rank:step raises there (the abort path);
+    COLLAFUSE_HANG_AT=rank:step stops answering there (the receive deadline)."""
+    here = f"{rank}:{step}"
+    if os.environ.get("COLLAFUSE_FAIL_AT") == here:
+        raise RuntimeError(f"injected failure at step {step} (COLLAFUSE_FAIL_AT={here})")
+    if os.environ.get("COLLAFUSE_HANG_AT") == here:
+        time.sleep(3600)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

@@ -213,3 +213,21 @@ def test_sampling_disclosure(digits):
     near = M.sampling_disclosure(_forward(final, 0.9), final)
     far = M.sampling_disclosure(_forward(final, 0.2), final)
     assert 0 < near["mse"] < far["mse"] and far["ssim"] < near["ssim"] < 1
+
+
+# ---------------------------------------------------------------- pooled KID from features
+
+def test_pooled_kid_from_features_matches_the_image_kid_scale(halves, no_inception):
+    """Features pooled from several clients: real vs real near zero, noise far above it."""
+    a, b = halves
+    noise = torch.randn(b.shape, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    fa, fb, fn = (M.extract_features(x) for x in (a, b, noise))
+    assert fa.shape == (500, 1024)
+    same = M.kid_from_features(fa, fb, subsets=5, subset_size=250, seed=0)
+    far = M.kid_from_features(fa, fn, subsets=5, subset_size=250, seed=0)
+    assert abs(same["mean"]) < 5e-4
+    assert far["mean"] > 20 * max(abs(same["mean"]), 1e-5)
+    # the same estimator as the image path: on the full sets (subset = everything) they agree
+    whole = M.kid_from_features(fa, fn, subsets=1, subset_size=500)
+    direct = M.kid(a, noise, subsets=1, subset_size=500)
+    assert whole["mean"] == pytest.approx(direct["mean"], rel=1e-3)

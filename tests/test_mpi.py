@@ -125,3 +125,12 @@ def test_a_crash_on_any_rank_ends_the_job(tmp_path, rank):
     assert elapsed < 30 + 15  # 30 s budget for the abort, plus start-up on a loaded machine
     if os.path.exists(out):  # rank 0 wrote the run header before training: it must still open
         assert results.read(out)["runs"]
+
+
+def test_client_images_stay_out_of_the_results_file(three_ranks):
+    """By default only generated images and the server's own view are stored, never real ones."""
+    _, out = three_ranks
+    r = _only_run(out)
+    for c in ("client_0", "client_1"):
+        assert set(r["samples"][c]) == {"generated", "server_view"}
+    assert r["metrics"]["pooled"]["kid"]["n_real"] == sum(r["ranks"][i]["n_heldout"] for i in (1, 2))

@@ -1,0 +1,73 @@
+"""Faults a cluster produces: a rank killed outright must end the whole job, not hang it."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from collafuse_mpi import results
+from conftest import TINY, mpi_env, mpirun_prefix
+
+pytestmark = pytest.mark.mpi
+
+
+def _find_rank(tag: str, rank: int):
+    """The pid of the rank started with our tag (Open MPI and MPICH rank variables)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"CF_TEST_TAG") == tag.encode():
+            r = env.get(b"OMPI_COMM_WORLD_RANK", env.get(b"PMI_RANK"))
+            if r is not None and int(r) == rank:
+                return int(pid)
+    return None
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_sigkill_of_a_rank_ends_the_job(tmp_path, victim):
+    out = tmp_path / "r.h5"
+    tag = uuid.uuid4().hex
+    env = mpi_env()
+    env["CF_TEST_TAG"] = tag
+    cmd = mpirun_prefix(3) + [sys.executable, "-m", "collafuse_mpi.run", *TINY, "--steps", "100000",
+                              "--set", "run.flush_every=2", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until steps are being written: training is under way
+            time.sleep(1)
+            try:
+                if results.read(out)["runs"] and next(iter(results.read(out)["runs"].values())).get("steps_written"):
+                    break
+            except Exception:  # noqa: BLE001 -- not written yet, or mid-write
+                pass
+        pid = _find_rank(tag, victim)
+        assert pid is not None, "rank process not found"
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 30, f"job took {elapsed:.1f} s to end after SIGKILL of rank {victim}"
+    run = next(iter(results.read(out)["runs"].values()))  # the file still opens
+    assert run["status"] == "running" and run["steps_written"] >= 2
+    assert len(run["ranks"][1]["loss"]) >= run["steps_written"]
+
+
+def test_a_hung_peer_is_named_by_the_receive_deadline(tmp_path):
+    from conftest import launch
+    t0 = time.monotonic()
+    p = launch(3, [*TINY, "--steps", "20", "--set", "run.recv_timeout=5", "-o", str(tmp_path / "r.h5")],
+               timeout=90, env_extra={"COLLAFUSE_HANG_AT": "2:3"})
+    assert p.returncode != 0
+    assert "no train_batch message from rank 2 within 5 s" in p.stderr
+    assert time.monotonic() - t0 < 60
