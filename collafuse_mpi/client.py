@@ -10,7 +10,7 @@ import torch
 from . import comm, schedule
 from .data import Batches
 from .model import UNet
-from .training import Learner, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
+from .training import Learner, after_step, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
 
 SERVER = 0
 
@@ -30,10 +30,22 @@ class Client:
             model = seeded(derive_seed(seed, self.rank, "init"),
                            lambda: UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout)).to(device)
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+        self.start_step = 0
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         if self.record_dir:
             os.makedirs(self.record_dir, exist_ok=True)
         self.last_batch = None  # (x0, message) of the last step, for the disclosure measure
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict() if self.learner else None,
+                "noise_gen": self.noise_gen.get_state(), "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if self.learner:
+            self.learner.load_state_dict(state["learner"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.batches.load_state_dict(state["batches"])
+        self.start_step = step
 
     @property
     def sends(self) -> bool:
@@ -42,7 +54,7 @@ class Client:
     def train(self, on_step=None):
         cfg, timer = self.cfg, self.timer
         in_flight = collections.deque()
-        for step in range(cfg.train.steps):
+        for step in range(self.start_step, cfg.train.steps):
             timer.start_step(step, step < cfg.train.warmup_steps)
             fault_point(self.rank, step)
             with timer.phase("data"):
@@ -68,6 +80,7 @@ class Client:
             timer.end_step(loss_value, x0.shape[0])
             if on_step:
                 on_step(step, loss_value)
+            after_step(cfg, self.rank, step, timer, self.state_dict)
         with timer.phase("wait"):
             while in_flight:
                 in_flight.popleft().wait()

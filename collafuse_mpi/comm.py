@@ -245,7 +245,7 @@ class MPITransport:
         return offset
 
     def library(self) -> str:
-        return self.MPI.Get_library_version().strip().splitlines()[0]
+        return self.MPI.Get_library_version().replace("\0", "").strip().splitlines()[0]
 
     def abort(self, code: int = 1):
         self.comm.Abort(code)

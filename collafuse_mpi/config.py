@@ -129,6 +129,12 @@ class RunConfig:
     """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
     recv_timeout: float = 600.0
     """Seconds a rank waits for a peer's message before it ends the job naming that peer."""
+    checkpoint_every: int = 0
+    """Every rank saves model, optimiser, EMA and RNG state every this many steps (0 = never)."""
+    checkpoint_dir: str = ""
+    """Folder for checkpoints ('' = next to `output`, named <output>-checkpoints)."""
+    resume: bool = False
+    """Continue from the last checkpoint that every rank completed."""
     pooled_kid: bool = True
     """Pool KID over clients on rank 0; clients send it feature vectors of held-out images, never images."""
     store_real: bool = False
@@ -296,6 +302,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(r.cuda_aware in TRISTATE, f"run.cuda_aware must be one of {', '.join(TRISTATE)}")
     _check(_is_int(r.torch_threads) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
     _check(_is_int(r.flush_every) and r.flush_every >= 0, "run.flush_every must be >= 0")
+    _check(_is_int(r.checkpoint_every) and r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
     _check(_is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
     _check(bool(r.output), "run.output must be a file path")
     _check(not os.path.isdir(r.output), f"output {r.output} is a folder, not a file")

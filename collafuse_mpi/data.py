@@ -367,6 +367,13 @@ class Batches:
     def __iter__(self):
         return self
 
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = state["order"].clone(), int(state["pos"])
+
     def __next__(self) -> torch.Tensor:
         import torch
         idx = self.order[self.pos:self.pos + self.batch_size]

@@ -15,6 +15,9 @@ Exit status:
   2  usage error, or an input file is missing, unreadable or not a results file
      (checked before anything is drawn: nothing is written then)
 The paths written are printed on stdout, one per line; messages go to stderr.
+
+`main()` reads with HDF5 file locking off (HDF5_USE_FILE_LOCKING=FALSE unless already set), so
+plotting a file that a running job is still flushing to can never make that job's next write fail.
 """
 from __future__ import annotations
 
@@ -1073,8 +1076,8 @@ def save(fig, out_dir: str, stem: str, formats) -> list:
               help="Folder for the figures (created if needed).")
 @click.option("--format", "formats", default="png,pdf", show_default=True, metavar="LIST",
               help=f"Comma-separated file formats: {', '.join(FORMATS)}.")
-@click.option("--only", default=",".join(FIGURES), show_default=True, metavar="LIST",
-              help="Comma-separated figures to draw.")
+@click.option("--only", default=None, metavar="LIST",
+              help="Comma-separated figures to draw (names above)  [default: all].")
 @click.option("--timeline-steps", default=None, metavar="FIRST:LAST",
               help="Steps shown in the timeline (inclusive) [default: the first 3 after warm-up].")
 def cli(files, output_dir, formats, only, timeline_steps):
@@ -1096,7 +1099,7 @@ def cli(files, output_dir, formats, only, timeline_steps):
     2 usage error or an input missing / unreadable / not a results file.
     """
     fmts = _split(formats, FORMATS, "--format")
-    figures = _split(only, FIGURES, "--only")
+    figures = list(FIGURES) if only is None else _split(only, FIGURES, "--only")
     window = _steps(timeline_steps)
     runs, problems = load(files)
     if problems:

@@ -38,14 +38,14 @@ def versions(tp) -> dict:
     return out
 
 
-def begin(cfg, tp, ks):
+def begin(cfg, tp, ks, resume_step: int = 0):
     writer = ResultsWriter(cfg.run.output, cfg.run.if_exists)
     name = cfg.run.run_name or f"cut{cfg.diffusion.cut:g}-n{tp.size - 1}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     meta = {"start_time": _now(), "versions": versions(tp), "git_commit": _git_commit(),
             "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
             "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
             "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
-            "timing_mode": cfg.run.timing, "phases": list(PHASES), "command": " ".join(sys.argv)}
+            "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES), "command": " ".join(sys.argv)}
     name = writer.begin_run(name, cfg.to_dict(), meta)
     return writer, name
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import h5py
 import numpy as np
@@ -51,6 +52,12 @@ class ResultsWriter:
             f.require_group("runs")
 
     def _open(self):
+        # A reader (the plot command, h5ls) may hold the file for a moment: retry before failing.
+        for attempt in range(20):
+            try:
+                return h5py.File(self.path, "a")
+            except BlockingIOError:
+                time.sleep(0.25)
         return h5py.File(self.path, "a")
 
     def begin_run(self, name: str, config: dict, meta: dict) -> str:
@@ -137,7 +144,9 @@ def _plain(v):
 def read(path: str) -> dict:
     """{'attrs': {...}, 'runs': {name: {attrs..., 'config': dict, 'ranks': {int: {...}}, ...}}}."""
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # never block the run that is writing it
+    except FileNotFoundError:
+        raise ResultsError(f"{path} does not exist") from None
     except OSError:
         raise ResultsError(f"{path} is not an HDF5 file") from None
     with f:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -58,6 +59,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     from .training import pick_device, sync_fn
 
     check(cfg, tp)
+    resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
     tp.timeout = cfg.run.recv_timeout
     torch.set_num_threads(cfg.run.torch_threads)
     n_clients = tp.size - 1
@@ -69,7 +71,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     writer, run_name = None, None
     if tp.rank == 0:
         from .report import begin
-        writer, run_name = begin(cfg, tp, ks)
+        writer, run_name = begin(cfg, tp, ks, resume_step)
     tp.barrier()
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
@@ -81,9 +83,9 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     flush_every = cfg.run.flush_every if any(k < cfg.diffusion.timesteps for k in ks) else 0
     flush = Flusher(tp, timer, mine, writer, run_name, flush_every)
     if tp.rank == 0:
-        _server_role(cfg, tp, ks, device, timer, progress, flush)
+        _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step)
     else:
-        _client_role(cfg, tp, ks, device, timer, mine, flush)
+        _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
     everyone = tp.gather_obj(mine)
@@ -130,9 +132,29 @@ def _save(cfg, tp, name: str, obj, timer):
         os.replace(path + ".tmp", path)  # never a half-written file under the final name
 
 
-def _server_role(cfg, tp, ks, device, timer, progress, flush):
+def find_resume_step(cfg, tp) -> int:
+    """Rank 0 picks the newest checkpoint every rank completed; all ranks learn it."""
+    from . import checkpoint
+    step = checkpoint.latest_complete(cfg, tp.size) if tp.rank == 0 else None
+    step = tp.bcast_obj(step)
+    if not step:
+        if tp.rank == 0:
+            print(f"collafuse_mpi: error: --resume: no checkpoint completed by all {tp.size} ranks "
+                  f"in {checkpoint.folder(cfg)}", file=sys.stderr, flush=True)
+        raise Abort(2)
+    return step
+
+
+def _restore(cfg, tp, role, step: int):
+    if step:
+        from . import checkpoint
+        role.load_state_dict(checkpoint.load(cfg, tp.rank, step), step)
+
+
+def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
     from .server import Server
     server = Server(cfg, tp, ks, device, timer)
+    _restore(cfg, tp, server, resume_step)
     bar = Progress(cfg.train.steps, progress and bool(server.senders),
                    cfg.train.batch_size * len(server.senders))
 
@@ -149,7 +171,7 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush):
         _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer)
 
 
-def _client_role(cfg, tp, ks, device, timer, mine, flush):
+def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
     from .client import Client
     from .data import client_data
     from .evaluate import client_features, evaluate_client
@@ -157,6 +179,7 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush):
     with timer.window("data_load"):
         data = client_data(cfg, index, tp.size - 1)
     client = Client(cfg, tp, index, ks[index], device, timer, data)
+    _restore(cfg, tp, client, resume_step)
     with timer.window("train"):
         client.train(on_step=flush)
     with timer.window("sample"):
@@ -241,6 +264,7 @@ OPTIONS = [  # (flag, config key, help)
     ("--device", "run.device", "auto, cpu or cuda."),
     ("--output", "run.output", "HDF5 results file."),
     ("--run-name", "run.run_name", "Name of the run group in the results file."),
+    ("--checkpoint-every", "run.checkpoint_every", "Save every rank's full training state every this many steps (0 = never)."),
     ("--timing", "run.timing", "attribution or throughput."),
     ("--cuda-aware", "run.cuda_aware", "Pass CUDA tensors to MPI directly: auto, yes or no."),
 ]
@@ -261,8 +285,9 @@ def _options(fn):
 @click.option("--overwrite", "if_exists", flag_value="overwrite", help="Replace an existing results file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config field.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint that every rank completed.")
 @click.option("--help-config", is_flag=True, help="List every config field with its default and meaning.")
-def cli(config_path, if_exists, overrides, quiet, help_config, **values):
+def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values):
     """Train and sample a CollaFuse split diffusion model over MPI.
 
     Rank 0 is the server (t = k+1..T), ranks 1..N are clients (t = 1..k), with
@@ -274,6 +299,8 @@ def cli(config_path, if_exists, overrides, quiet, help_config, **values):
         click.echo(cfgmod.describe())
         return
     from .comm import MPITransport
+    from .training import PREEMPTED, Preempted
+    signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())  # SLURM preemption: checkpoint, then stop
     tp = None
     try:
         try:
@@ -290,6 +317,8 @@ def cli(config_path, if_exists, overrides, quiet, help_config, **values):
                 cfg.run.if_exists = if_exists
             if quiet:
                 cfg.run.quiet = True
+            if resume:
+                cfg.run.resume = True
             problem = None
         except ConfigError as exc:
             cfg, problem = cfgmod.Config(), str(exc)
@@ -301,6 +330,9 @@ def cli(config_path, if_exists, overrides, quiet, help_config, **values):
         execute(cfg, tp, progress=not cfg.run.quiet)
     except Abort:
         raise
+    except Preempted as exc:
+        _log(tp.rank if tp else -1, "preempted (SIGTERM): checkpoint saved; continue with --set run.resume=true")
+        raise SystemExit(exc.code) from None
     except BaseException as exc:  # any failure on any rank ends the whole job, now
         rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
         _log(rank, f"FAILED: {type(exc).__name__}: {exc}")

@@ -9,7 +9,7 @@ import torch
 
 from . import comm, schedule
 from .model import UNet
-from .training import Learner, derive_seed, fault_point, generator, seeded, unpack_train
+from .training import Learner, after_step, derive_seed, fault_point, generator, seeded, unpack_train
 
 
 class Server:
@@ -21,10 +21,19 @@ class Server:
         c, s = cfg.data.channels, cfg.data.image_size
         self.image_shape = (c, s, s)
         self.learner = None
+        self.start_step = 0
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict() if self.learner else None}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if self.learner:
+            self.learner.load_state_dict(state["learner"])
+        self.start_step = step
 
     def receive_step(self):
         """One batch from each sending client, fused in client order (deterministic)."""
@@ -45,7 +54,7 @@ class Server:
         if not self.senders:
             return
         timer = self.timer
-        for step in range(self.cfg.train.steps):
+        for step in range(self.start_step, self.cfg.train.steps):
             timer.start_step(step, step < self.cfg.train.warmup_steps)
             fault_point(0, step)
             x_t, t, k, eps_s = self.receive_step()
@@ -53,6 +62,7 @@ class Server:
             timer.end_step(loss, x_t.shape[0])
             if on_step:
                 on_step(step, loss)
+            after_step(self.cfg, 0, step, timer, self.state_dict)
 
     @torch.no_grad()
     def serve_samples(self):

@@ -44,6 +44,25 @@ def fault_point(rank: int, step: int) -> None:
         time.sleep(3600)
 
 
+PREEMPTED = threading.Event()  # set by the SIGTERM handler; roles checkpoint and stop at a step edge
+
+
+class Preempted(SystemExit):
+    pass
+
+
+def after_step(cfg, rank: int, step: int, timer, state_fn) -> None:
+    """Checkpoint every run.checkpoint_every steps, and on preemption (then stop)."""
+    from . import checkpoint
+    done = step + 1
+    every = cfg.run.checkpoint_every
+    if (every and done % every == 0) or PREEMPTED.is_set():
+        with timer.phase("checkpoint"):
+            checkpoint.save(cfg, rank, done, state_fn())
+    if PREEMPTED.is_set():
+        raise Preempted(143)
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
     """auto: local rank -> GPU (round robin when ranks outnumber GPUs), else CPU."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
@@ -66,6 +85,14 @@ class Learner:
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
         self.ema = EMA(model, ema_decay)
         self.grad_clip = grad_clip
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.ema.model.load_state_dict(state["ema"])
 
     def step(self, timer, eps, *inputs) -> float:
         with timer.phase("forward"):

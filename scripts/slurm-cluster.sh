@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A one-node SLURM test cluster on this machine, for the jobs/*.sbatch scripts and tests/test_slurm.py.
 #
-#   scripts/slurm-cluster.sh up       install (Debian: slurm-wlm, munge), configure, start, wait for idle
+#   scripts/slurm-cluster.sh up       install (Debian: slurm-wlm, munge, libpmix2), configure, start,
+#                                     wait until the node is idle
 #   scripts/slurm-cluster.sh down     stop slurmd, slurmctld and munged
 #   scripts/slurm-cluster.sh status   show daemons and sinfo; exit 0 only when the node answers
 #
@@ -50,14 +51,17 @@ alive() { # alive PIDFILE -> 0 when the process in it runs
     [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+PACKAGES=(slurm-wlm munge libpmix2)
+
 install_packages() {
     local missing=()
     for cmd in slurmctld slurmd sinfo munged; do
         command -v "$cmd" >/dev/null || missing+=("$cmd")
     done
+    dpkg -s libpmix2 >/dev/null 2>&1 || missing+=(libpmix2)
     [ ${#missing[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-    log "installing slurm-wlm and munge (missing: ${missing[*]})"
+    log "installing ${PACKAGES[*]} (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     # Keep the packages' init scripts from starting daemons with the stock config while
     # installing: we start them ourselves below. Only add the policy file if none exists.
@@ -70,12 +74,22 @@ install_packages() {
         apt-get update -qq
     fi
     local rc=0
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || rc=$?
+    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null || rc=$?
     if [ $rc -ne 0 ]; then # package lists may lack them after all: refresh once and retry
-        rc=0; apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || rc=$?
+        rc=0; apt-get update -qq && apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null || rc=$?
     fi
     [ $own_policy -eq 1 ] && rm -f "$policy"
-    [ $rc -eq 0 ] || die "apt-get install slurm-wlm munge failed (rc=$rc)"
+    [ $rc -eq 0 ] || die "apt-get install ${PACKAGES[*]} failed (rc=$rc)"
+}
+
+# srun --mpi=pmix: Debian's mpi_pmix plugin dlopens pmix2/lib/libpmix.so, which only the heavy
+# libpmix-dev provides; a link to the runtime library from libpmix2 is enough.
+link_pmix() {
+    local d
+    for d in /usr/lib/*/pmix2/lib; do
+        [ -e "$d/libpmix.so.2" ] && [ ! -e "$d/libpmix.so" ] && ln -s libpmix.so.2 "$d/libpmix.so"
+    done
+    return 0
 }
 
 write_config() {
@@ -173,6 +187,7 @@ node_state() { sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -1; }
 cmd_up() {
     local t0=$SECONDS
     install_packages
+    link_pmix
     CONF_CHANGED=0
     write_config
     start_munge

@@ -71,3 +71,31 @@ def test_a_hung_peer_is_named_by_the_receive_deadline(tmp_path):
     assert p.returncode != 0
     assert "no train_batch message from rank 2 within 5 s" in p.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+    """SLURM preemption signals every task: each rank saves its state at the next step edge."""
+    out = tmp_path / "r.h5"
+    tag = uuid.uuid4().hex
+    env = mpi_env()
+    env["CF_TEST_TAG"] = tag
+    cmd = mpirun_prefix(3) + [sys.executable, "-m", "collafuse_mpi.run", *TINY, "--steps", "100000",
+                              "--set", "run.flush_every=2", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "r.h5").exists():
+            time.sleep(1)
+        time.sleep(8)
+        pids = [_find_rank(tag, r) for r in range(3)]
+        assert None not in pids
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "preempted (SIGTERM)" in text
+    saved = {f for _, _, files in os.walk(tmp_path / "r-checkpoints") for f in files}
+    assert {"rank0.pt", "rank1.pt", "rank2.pt"} <= saved
