@@ -25,7 +25,7 @@ class PhaseTimer:
         self.offset = clock_offset  # added to perf_counter: rank 0's clock
         self.keep_events = keep_events  # timeline events kept for the first steps only
         self.rows, self.steps, self.warmup, self.t_start, self.t_end = [], [], [], [], []
-        self.losses, self.energy, self.images = [], [], []
+        self.losses, self.energy, self.energy_short, self.images = [], [], [], []
         self.events = []  # (step, phase index, start, end) on the aligned clock
         self.windows = {}
         self._row = None
@@ -69,6 +69,9 @@ class PhaseTimer:
         self.t_end.append(self.now())
         e1 = self._read_energy()
         self.energy.append(e1 - self._energy0 if e1 is not None and self._energy0 is not None else np.nan)
+        # a step shorter than two counter updates cannot be metered on its own: flag, don't trust
+        period = getattr(self.meter, "update_period_s", 0.0) if self.meter is not None else 0.0
+        self.energy_short.append(self.t_end[-1] - self.t_start[-1] < 2 * period)
         self.rows.append(self._row)
         self.losses.append(loss)
         self.images.append(images)
@@ -106,6 +109,7 @@ class PhaseTimer:
             "step_end": np.asarray(self.t_end[:n], dtype=np.float64),
             "loss": np.asarray(self.losses, dtype=np.float64),
             "energy_j": np.asarray(self.energy, dtype=np.float64),
+            "energy_short_window": np.asarray(self.energy_short, dtype=bool),
             "images": np.asarray(self.images, dtype=np.int64),
             "events": np.asarray(self.events, dtype=np.float64).reshape(-1, 4),
         }

@@ -157,3 +157,16 @@ def read(path: str) -> dict:
             run["ranks"] = {int(r): v for r, v in run.get("ranks", {}).items()}
             out["runs"][name] = run
         return out
+
+
+def phase_stats(rank: dict, phases: list, include_warmup: bool = False) -> dict:
+    """Per phase: median, IQR, P90, P99 of seconds per step (warm-up steps left out by default)."""
+    secs = np.asarray(rank["phase_seconds"], dtype=float)
+    if not include_warmup and "warmup" in rank:
+        secs = secs[~np.asarray(rank["warmup"], dtype=bool)]
+    out = {}
+    for i, name in enumerate(phases):
+        col = secs[:, i] if len(secs) else np.array([np.nan])
+        q25, q50, q75, q90, q99 = np.percentile(col, [25, 50, 75, 90, 99])
+        out[name] = {"median": q50, "iqr": q75 - q25, "p90": q90, "p99": q99}
+    return out
