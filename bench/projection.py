@@ -266,7 +266,7 @@ def direct_timing(c: dict, client_counts: list[int], iters: int, warmup: int, th
         sync()
 
     samples = []
-    for i in range(warmup + 2 * iters):
+    for i in range(warmup + max(10, 2 * iters)):
         t0 = time.perf_counter()
         client_step()
         if i >= warmup:
@@ -309,7 +309,7 @@ def project(p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
         out["bottleneck"] = "clients"
     else:
         out["bottleneck"] = "server compute" if compute >= recv else "server receive"
-    # server speed-up (on top of the one assumed) for the pipelined step to equal the client step
+    # server compute speed-up over the measured one for the pipelined step to equal the client step
     spare = client - recv
     out["server_speedup_needed"] = (compute * p["server_speedup"] / spare) if spare > 0 else math.inf
     return out
@@ -341,6 +341,8 @@ def saturation(p: dict, bw_gbit: float, lat_us: float, server_speedup: float | N
 def t_str(s: float) -> str:
     if not math.isfinite(s):
         return "inf"
+    if s < 0:
+        return "-" + t_str(-s)
     if s >= 10:
         return f"{s:.0f} s"
     if s >= 1:
@@ -367,7 +369,9 @@ def assumptions(p: dict, source: str) -> list[str]:
         "measure it: run the CLI on your cluster and pass `--results FILE.h5 ...`; every number here "
         "scales with what is measured.",
         f"Server compute is linear in the fused batch: a + b*n_images with a = {t_str(p['a_s'])}, "
-        f"b = {t_str(p['b_s'])}/image (fit: {p['fit_kind']}), extrapolated from at most "
+        f"b = {t_str(p['b_s'])}/image (fit: {p['fit_kind']}" + (
+            f"; its intercept {t_str(p['a_fit_s'])} is clamped to 0, the per-image cost grew with the batch"
+            if p["a_fit_s"] < 0 else "") + f"), extrapolated from at most "
         f"{p['max_measured_images']} images to {max(p['clients']) * p['batch']:,}. Memory is not modelled: "
         "a fused batch that does not fit would have to be split (more steps, not fewer seconds).",
         f"Client step = {t_str(p['client_s'])} (its own step with no waiting), the same for every client, "
@@ -415,8 +419,9 @@ def markdown(rec: dict) -> str:
     L += ["## Per client count and bandwidth\n",
           f"Server speed-up {p['server_speedup']:g}x, client speed-up {p['client_speedup']:g}x. "
           "recv = wire + latency + host cost, all N messages; server = recv + compute; "
-          "util = server compute / step; NIC = wire time / step; 'needed' = server speed-up (beyond the "
-          "assumed one) for the pipelined step to come down to the client step.\n",
+          "util = server compute / step; NIC = wire time / step; 'needed' = how many times faster than measured "
+          "the server's compute must be for the pipelined step to come down to the client step (∞: receiving "
+          "alone already takes longer than a client step).\n",
           common.table(["clients", "link", "fused images", "MB in/step", "recv", "compute", "client",
                         "step pipelined", "step overlapped", "step serial", "server util (pipelined)",
                         "NIC util (pipelined)", "bottleneck", "needed"],
@@ -434,7 +439,8 @@ def markdown(rec: dict) -> str:
           common.table(["parameter", "value", "from"],
                        [["images per client batch B", p["batch"], "results config"],
                         ["model", f"{p['preset']} UNet, {p['channels']}x{p['image_size']}x{p['image_size']}", "results config"],
-                        ["server compute a (fixed per step)", t_str(p["a_s"]), p["compute_source"]],
+                        ["server compute a (fixed per step)", t_str(p["a_s"]) + (
+                            f" (fit gave {t_str(p['a_fit_s'])}: clamped)" if p["a_fit_s"] < 0 else ""), p["compute_source"]],
                         ["server compute b (per image)", t_str(p["b_s"]), p["compute_source"]],
                         ["client step", t_str(p["client_s"]), p["compute_source"]],
                         ["message per client per step", f"{p['message_bytes']:,.0f} bytes", p["message_source"]],
@@ -626,7 +632,7 @@ def main(argv=None):
                        f"({least['n_clients']} clients; over {'shared memory' if len(least['hosts']) == 1 else 'the runs network'}, "
                        "so it includes an intra-node copy: an upper bound of the software cost)")
     p = {"batch": int(cfg["batch_size"]), "preset": cfg["preset"], "channels": cfg["channels"],
-         "image_size": cfg["image_size"], "a_s": max(fit["a_s"], 0.0), "b_s": fit["b_s_per_image"],
+         "image_size": cfg["image_size"], "a_s": max(fit["a_s"], 0.0), "a_fit_s": fit["a_s"], "b_s": fit["b_s_per_image"],
          "fit_kind": fit["kind"], "client_s": client_s, "message_bytes": message_bytes,
          "message_source": "client comm table (train_batch bytes / messages)" if msgs else "formula B*(2*C*H*W+1)*4 + 96",
          "eager_limit": args.eager_limit,
