@@ -397,6 +397,7 @@ def assumptions(p: dict, source: str) -> list[str]:
 
 def markdown(rec: dict) -> str:
     p, sat, proj = rec["parameters"], rec["saturation"], rec["projection"]
+    clamped = f" (fit gave {t_str(p['a_fit_s'])}: clamped)" if p["a_fit_s"] < 0 else ""
     L = [f"# projection: step time and server load at {min(p['clients'])}-{max(p['clients'])} clients, on paper\n",
          f"Command: `{rec['command']}`\n", common.machine_md(rec["machine"]), ""]
     if rec["cli_commands"]:
@@ -438,15 +439,17 @@ def markdown(rec: dict) -> str:
     L += ["## Parameters derived from the measurements\n",
           common.table(["parameter", "value", "from"],
                        [["images per client batch B", p["batch"], "results config"],
-                        ["model", f"{p['preset']} UNet, {p['channels']}x{p['image_size']}x{p['image_size']}", "results config"],
-                        ["server compute a (fixed per step)", t_str(p["a_s"]) + (
-                            f" (fit gave {t_str(p['a_fit_s'])}: clamped)" if p["a_fit_s"] < 0 else ""), p["compute_source"]],
+                        ["model", f"{p['preset']} UNet, {p['channels']}x{p['image_size']}x{p['image_size']}",
+                         "results config"],
+                        ["server compute a (fixed per step)", t_str(p["a_s"]) + clamped, p["compute_source"]],
                         ["server compute b (per image)", t_str(p["b_s"]), p["compute_source"]],
                         ["client step", t_str(p["client_s"]), p["compute_source"]],
                         ["message per client per step", f"{p['message_bytes']:,.0f} bytes", p["message_source"]],
-                        ["latencies per client per step", p["latency_msgs"], f"header + payload, eager limit {p['eager_limit']:,} B"],
+                        ["latencies per client per step", p["latency_msgs"],
+                         f"header + payload, eager limit {p['eager_limit']:,} B"],
                         ["host receive cost per message", t_str(p["host_s"]), p["host_source"]],
-                        ["server / client speed-up applied", f"{p['server_speedup']:g}x / {p['client_speedup']:g}x", "command line"]]),
+                        ["server / client speed-up applied",
+                         f"{p['server_speedup']:g}x / {p['client_speedup']:g}x", "command line"]]),
           ""]
     if rec["runs"]:
         L += ["Per results run (medians over non-warm-up steps; server compute = step - wait - recv - io; "
@@ -470,11 +473,13 @@ def markdown(rec: dict) -> str:
         L += [f"Direct single-process timing ({d['device']}, {d['threads']} torch thread(s), k = {d['k']}; "
               f"server model {d['server_params']:,} parameters, client {d['client_params']:,}):\n",
               common.table(["client batches", "fused images", "server step P50", "P90", "samples"],
-                           [[n, v["images"], t_str(v["p50"]), t_str(v["p90"]), v["n"]] for n, v in d["server"].items()]
+                           [[n, v["images"], t_str(v["p50"]), t_str(v["p90"]), v["n"]]
+                            for n, v in d["server"].items()]
                            + [["client step", d["client"]["images"], t_str(d["client"]["p50"]),
                                t_str(d["client"]["p90"]), d["client"]["n"]]]), "",
               f"Fit: a = {t_str(d['fit']['a_s'])}, b = {t_str(d['fit']['b_s_per_image'])}/image "
-              f"({d['fit']['kind']}" + (f", R² = {d['fit']['r2']:.4f}" if d["fit"]["r2"] is not None else "") + ").", ""]
+              f"({d['fit']['kind']}" + (f", R² = {d['fit']['r2']:.4f}" if d["fit"]["r2"] is not None else "")
+              + ").", ""]
     if rec.get("contention_note"):
         L += [rec["contention_note"], ""]
     L += ["## Assumptions\n", *[f"- {a}" for a in rec["assumptions"]], ""]
@@ -495,7 +500,7 @@ def headline(p, sat, proj, bws) -> list[str]:
 
     def needed(r):
         if math.isfinite(r["server_speedup_needed"]):
-            return f"the server must be {x_str(r['server_speedup_needed'])} faster"
+            return f"the server's compute must be {x_str(r['server_speedup_needed'])} faster than measured"
         return (f"no server speed-up suffices (receiving alone, {t_str(r['recv_s'])}, exceeds the "
                 f"{t_str(r['client_s'])} client step)")
 
@@ -519,7 +524,8 @@ def headline(p, sat, proj, bws) -> list[str]:
                + ", ".join(f"{n_str(w)}" for _, _, w in nic) + ").")
     by_s = sat["by_speedup"]
     out.append("- Pipelined saturation point for a server 10x / 100x / 1000x faster than measured: "
-               + "; ".join(f"{b:g} Gbit/s: " + " / ".join(n_str(by_s[b][str(s)]["n_max_pipelined"]) for s in SPEEDUPS[1:])
+               + "; ".join(f"{b:g} Gbit/s: "
+                           + " / ".join(n_str(by_s[b][str(s)]["n_max_pipelined"]) for s in SPEEDUPS[1:])
                            for b in bws) + " clients.")
     return out
 
@@ -527,9 +533,12 @@ def headline(p, sat, proj, bws) -> list[str]:
 def matrix(rows: list[dict], bws) -> str:
     by = {(r["clients"], r["bandwidth_gbit"]): r for r in rows}
     ns = sorted({r["clients"] for r in rows})
+    def cell(r):
+        mark = "" if r["bottleneck"] == "clients" else " *"
+        return f"{t_str(r['step_s']['pipelined'])} · {r['server_utilisation']['pipelined'] * 100:.0f}%{mark}"
+
     return common.table(["clients"] + [f"{b:g} Gbit/s" for b in bws],
-                        [[n] + [f"{t_str(by[(n, b)]['step_s']['pipelined'])} · {by[(n, b)]['server_utilisation']['pipelined'] * 100:.0f}%"
-                                + ("" if by[(n, b)]["bottleneck"] == "clients" else " *") for b in bws] for n in ns])
+                        [[n] + [cell(by[(n, b)]) for b in bws] for n in ns])
 
 
 # ----------------------------------------------------------------------------- main
@@ -551,7 +560,8 @@ def main(argv=None):
     ap.add_argument("--direct-clients", default="1,2,4,8,16,32", help="fused sizes timed directly, in client batches")
     ap.add_argument("--direct-iters", type=int, default=3)
     ap.add_argument("--direct-device", default="cpu", help="cpu, cuda or auto for the direct timing")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for the direct timing (0 = the runs' run.torch_threads)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the direct timing (0 = the runs' run.torch_threads)")
     ap.add_argument("--compute-source", choices=("auto", "direct", "runs"), default="auto",
                     help="where server compute and client step come from (auto: direct when timed, else runs)")
     ap.add_argument("--clients", default=",".join(map(str, CLIENTS)))
@@ -560,9 +570,12 @@ def main(argv=None):
                     "(default: 25, 15, 2, 1.5, 1.5 µs for 10, 25, 100, 200, 400 Gbit/s; 2 µs otherwise)")
     ap.add_argument("--eager-limit", type=int, default=65536, help="payloads above it pay a rendezvous handshake")
     ap.add_argument("--host-overhead-us", type=float, default=None,
-                    help="server host cost per client message (default: measured recv per client, least contended run)")
-    ap.add_argument("--server-speedup", type=float, default=1.0, help="server compute this many times faster than measured")
-    ap.add_argument("--client-speedup", type=float, default=1.0, help="client step this many times faster than measured")
+                    help="server host cost per client message (default: measured recv per client, "
+                    "least contended run)")
+    ap.add_argument("--server-speedup", type=float, default=1.0,
+                    help="server compute this many times faster than measured")
+    ap.add_argument("--client-speedup", type=float, default=1.0,
+                    help="client step this many times faster than measured")
     ap.add_argument("--quick", action="store_true", help="smoke test: 12 steps, direct sizes 1,2,4 client batches")
     ap.add_argument("--out", default="projection", help="name of the bench/results/<name>.{json,md} pair")
     args = ap.parse_args(argv)
@@ -629,12 +642,15 @@ def main(argv=None):
     else:
         host_s = least["server"]["recv_per_client_s"]
         host_source = (f"server recv phase per client message in the least contended run "
-                       f"({least['n_clients']} clients; over {'shared memory' if len(least['hosts']) == 1 else 'the runs network'}, "
+                       f"({least['n_clients']} clients; over "
+                       f"{'shared memory' if len(least['hosts']) == 1 else 'the runs network'}, "
                        "so it includes an intra-node copy: an upper bound of the software cost)")
     p = {"batch": int(cfg["batch_size"]), "preset": cfg["preset"], "channels": cfg["channels"],
-         "image_size": cfg["image_size"], "a_s": max(fit["a_s"], 0.0), "a_fit_s": fit["a_s"], "b_s": fit["b_s_per_image"],
+         "image_size": cfg["image_size"], "a_s": max(fit["a_s"], 0.0), "a_fit_s": fit["a_s"],
+         "b_s": fit["b_s_per_image"],
          "fit_kind": fit["kind"], "client_s": client_s, "message_bytes": message_bytes,
-         "message_source": "client comm table (train_batch bytes / messages)" if msgs else "formula B*(2*C*H*W+1)*4 + 96",
+         "message_source": ("client comm table (train_batch bytes / messages)" if msgs
+                            else "formula B*(2*C*H*W+1)*4 + 96"),
          "eager_limit": args.eager_limit,
          "latency_msgs": latency_msgs(message_bytes - HEADER_BYTES, args.eager_limit),
          "host_s": host_s, "host_source": host_source, "server_speedup": args.server_speedup,
@@ -654,9 +670,11 @@ def main(argv=None):
                 "process alone (other jobs on the machine aside: see loadavg) and are the source unless "
                 "--compute-source runs.")
     rec = {"benchmark": "projection", "command": common.command(), "machine": common.machine(),
-           "cli_commands": commands, "cli_wall_s": walls, "inputs": [os.path.abspath(f) for f in files] if args.results else [],
+           "cli_commands": commands, "cli_wall_s": walls,
+           "inputs": [os.path.abspath(f) for f in files] if args.results else [],
            "runs": runs, "fit_runs": fit_runs, "direct": direct, "parameters": p, "saturation": sat,
-           "projection": proj, "projection_by_speedup": by_speedup, "contention_note": note, "assumptions": assumptions(p, source),
+           "projection": proj, "projection_by_speedup": by_speedup, "contention_note": note,
+           "assumptions": assumptions(p, source),
            "elapsed_s": time.perf_counter() - t_start}
     rec["headline"] = headline(p, sat, proj, bws)
     md = markdown(rec)

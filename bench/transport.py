@@ -375,10 +375,10 @@ def main(argv=None):
     raw = run(comm, methods, sizes, args.quick)
     if comm.Get_rank() == 0:
         report(comm, raw, sizes, methods, args.quick, cuda_note)
-        comm.send(None, dest=1, tag=TAG_ACK)
+        comm.Ibarrier().Wait()
     else:  # sleep rather than spin in MPI while rank 0 times the transport's Python work
-        req = comm.irecv(source=0, tag=TAG_ACK)
-        while not req.test()[0]:
+        req = comm.Ibarrier()
+        while not req.Test():
             time.sleep(0.01)
     comm.Free()
     return 0

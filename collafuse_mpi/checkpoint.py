@@ -22,8 +22,8 @@ def save(cfg, rank: int, step: int, state: dict) -> str:
     return path
 
 
-def latest_complete(cfg, world_size: int) -> int:
-    """The largest step with a checkpoint from every rank, or 0 when there is none."""
+def latest_complete(cfg, ranks: list[int]) -> int:
+    """The largest step with a checkpoint from every one of `ranks`, or 0 when there is none."""
     root = folder(cfg)
     if not os.path.isdir(root):
         return 0
@@ -31,7 +31,7 @@ def latest_complete(cfg, world_size: int) -> int:
                    reverse=True)
     for step in steps:
         d = os.path.join(root, f"step{step:08d}")
-        if all(os.path.exists(os.path.join(d, f"rank{r}.pt")) for r in range(world_size)):
+        if all(os.path.exists(os.path.join(d, f"rank{r}.pt")) for r in ranks):
             return step
     return 0
 

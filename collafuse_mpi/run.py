@@ -88,13 +88,12 @@ def execute(cfg, tp, progress: bool = False) -> dict:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
-    everyone = tp.gather_obj(mine)
-    mine.pop("features", None)
+    everyone = tp.gather_obj(mine)  # over loopback these are the other roles' own dicts: read only
     if tp.rank == 0:
         from .evaluate import pooled_kid
         from .report import finish
         with timer.window("metrics"):
-            pooled = pooled_kid([r.pop("features") for r in everyone if "features" in r], cfg.run.seed)
+            pooled = pooled_kid([r["features"] for r in everyone if "features" in r], cfg.run.seed)
         everyone[0]["windows"] = timer.windows
         finish(writer, run_name, everyone, cfg, pooled)
     return mine
@@ -135,18 +134,21 @@ def _save(cfg, tp, name: str, obj, timer):
 def find_resume_step(cfg, tp) -> int:
     """Rank 0 picks the newest checkpoint every rank completed; all ranks learn it."""
     from . import checkpoint
-    step = checkpoint.latest_complete(cfg, tp.size) if tp.rank == 0 else None
+    ks = cfg.cut_steps(tp.size - 1)
+    server_trains = any(k < cfg.diffusion.timesteps for k in ks)  # else rank 0 has nothing to save
+    ranks = [r for r in range(tp.size) if r > 0 or server_trains]
+    step = checkpoint.latest_complete(cfg, ranks) if tp.rank == 0 else None
     step = tp.bcast_obj(step)
     if not step:
         if tp.rank == 0:
-            print(f"collafuse_mpi: error: --resume: no checkpoint completed by all {tp.size} ranks "
+            print(f"collafuse_mpi: error: --resume: no checkpoint completed by all {len(ranks)} training ranks "
                   f"in {checkpoint.folder(cfg)}", file=sys.stderr, flush=True)
         raise Abort(2)
     return step
 
 
 def _restore(cfg, tp, role, step: int):
-    if step:
+    if step and (tp.rank > 0 or role.learner is not None):
         from . import checkpoint
         role.load_state_dict(checkpoint.load(cfg, tp.rank, step), step)
 

@@ -92,6 +92,8 @@ def test_mpi_equals_loopback(tmp_path):
     for c in ("client_0", "client_1"):
         ga, gb = a["samples"][c]["generated"].astype(int), b["samples"][c]["generated"].astype(int)
         assert np.abs(ga - gb).max() <= 1  # uint8 rounding of float-tolerance differences
+        assert b["metrics"][c]["kid"]["mean"] == pytest.approx(a["metrics"][c]["kid"]["mean"], rel=1e-3, abs=1e-5)
+    assert b["metrics"]["pooled"]["kid"]["mean"] == pytest.approx(a["metrics"]["pooled"]["kid"]["mean"], rel=1e-3, abs=1e-5)
 
 
 def test_bad_input_fails_once_and_keeps_the_file(tmp_path):

@@ -1,4 +1,5 @@
 """collafuse-plot: figures from a real (loopback) results file, error handling, no torch import."""
+import copy
 import glob
 import json
 import os
@@ -17,12 +18,31 @@ from collafuse_mpi import plot, results
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CUTS = (0.3, 1.0)  # 0.3: everything (messages, disclosure, server view); 1.0: purely local, server idle
+STORE_REAL = {0.3: True, 1.0: False}  # held-out images in the file only on request: one run each way
 FIGURE_STEMS = ("phases", "timeline", "energy", "kid-*", "disclosure", "bytes",
                 "samples-cut0.3-n2", "samples-cut1-n2", "scaling")
 
 
+def _gather_copies(self, obj, root=0):
+    """LoopbackTransport.gather_obj, except that the root gets shallow copies, as MPI's pickled gather
+    gives it. run.execute() pops each rank's "features" from its own dict right after the gather; over
+    loopback the root would otherwise find them gone before it computes the pooled KID."""
+    self._mail.slots[self.rank] = obj
+    self.barrier()
+    out = [copy.copy(self._mail.slots[r]) for r in range(self.size)] if self.rank == root else None
+    self.barrier()
+    return out
+
+
 def _run_loopback(path):
     from collafuse_mpi import config, run
+    from collafuse_mpi.comm import LoopbackTransport
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LoopbackTransport, "gather_obj", _gather_copies)
+        _run_loopback_runs(path, config, run)
+
+
+def _run_loopback_runs(path, config, run):
     for i, cut in enumerate(CUTS):
         cfg = config.Config()
         cfg.diffusion.cut = cut
@@ -37,8 +57,8 @@ def _run_loopback(path):
         cfg.run.output = str(path)
         cfg.run.if_exists = "overwrite" if i == 0 else "append"
         cfg.run.quiet = True
-        if hasattr(cfg.run, "save_models"):
-            cfg.run.save_models = False
+        cfg.run.save_models = False
+        cfg.run.store_real = STORE_REAL[cut]
         run.run_loopback(cfg, 2)
 
 
@@ -118,6 +138,99 @@ def test_fixture_is_a_real_results_file(files):
         assert sorted(r["ranks"]) == [0, 1, 2]
         phases = r["phases"] if isinstance(r["phases"], list) else json.loads(r["phases"])
         assert phases[0] == "data"
+        assert r["resumed_from_step"] == 0
+        assert np.isfinite(r["metrics"]["pooled"]["kid"]["mean"])
+        assert ("real" in r["samples"]["client_0"]) == STORE_REAL[r["cut"]]
+
+
+def _ctx(*paths):
+    runs, problems = plot.load(paths)
+    assert not problems
+    return plot.Ctx(runs)
+
+
+def _by_cut(ctx):
+    return {r.cut: r for r in ctx.runs}
+
+
+def test_kid_data_pooled_beside_clients(files):
+    data = results.read(files["real"])["runs"]
+    sets, no_kid = plot.kid_data(_ctx(files["real"]))
+    assert no_kid == [] and len(sets) == 1
+    (features, dataset, _, _), d = next(iter(sets.items()))
+    assert d["stem"] == f"kid-{features}" and dataset == "digits"
+    assert len(d["clients"]) == 2 * len(CUTS) and d["no_pooled"] == []
+    pooled = sorted(d["pooled"], key=lambda p: p["x"])
+    assert [p["x"] for p in pooled] == list(CUTS)
+    for p in pooled:
+        stored = data[p["run"].name]["metrics"]["pooled"]["kid"]
+        assert stored["features"] == features
+        assert p["mean"] == stored["mean"] and p["std"] == stored["std"]
+        assert p["n_fake"] == 2 * 4 and p["n_real"] == sum(
+            data[p["run"].name]["metrics"][f"client_{i}"]["kid"]["n_real"] for i in range(2))
+    # one line per configuration for the pooled values, beside the clients' mean line
+    assert [(c, m) for c, m, _, _ in d["pooled_mean"][2]] == [(p["x"], p["mean"]) for p in pooled]
+    assert [c for c, _, _, _ in d["mean"][2]] == list(CUTS)
+
+
+def test_kid_figure_draws_pooled_stars(files, tmp_path):
+    ctx = _ctx(files["real"])
+    (stem, fig), = plot.fig_kid(ctx)
+    ax = fig.axes[0]
+    stars = [ln for ln in ax.lines if ln.get_marker() == "*" and len(ln.get_xdata())]
+    assert len(stars) == 1
+    sets, _ = plot.kid_data(ctx)
+    pooled = sorted(next(iter(sets.values()))["pooled"], key=lambda p: p["x"])
+    np.testing.assert_allclose(sorted(stars[0].get_ydata()), sorted(p["mean"] for p in pooled))
+    assert any("pooled" in t.get_text() for t in ax.get_legend().get_texts())
+    res = _cli(files["real"], "-o", tmp_path, "--only", "kid", "--format", "png")
+    assert res.exit_code == 0, res.output
+    (name,) = os.listdir(tmp_path)
+    _check_png(tmp_path / name)
+
+
+def test_kid_feature_sets_never_mixed(files, tmp_path):
+    """A pooled KID on another feature set goes to that set's figure, never beside these clients."""
+    mixed = tmp_path / "mixed.h5"
+    shutil.copy(files["real"], mixed)
+    with h5py.File(mixed, "a") as f:
+        runs = sorted(f["runs"].values(), key=lambda g: g.attrs["cut"])
+        runs[0]["metrics/pooled/kid"].attrs["features"] = "inception"
+        del runs[1]["metrics/pooled"]
+        client_set = runs[0]["metrics/client_0/kid"].attrs["features"]
+    sets, _ = plot.kid_data(_ctx(str(mixed)))
+    by_features = {key[0]: d for key, d in sets.items()}
+    assert set(by_features) == {client_set, "inception"}
+    assert by_features["inception"]["clients"] == [] and len(by_features["inception"]["pooled"]) == 1
+    assert by_features[client_set]["pooled"] == [] and len(by_features[client_set]["no_pooled"]) == 2
+    res = _cli(str(mixed), "-o", tmp_path / "figs", "--only", "kid", "--format", "png")
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(tmp_path / "figs")) == sorted([f"kid-{client_set}.png", "kid-inception.png"])
+
+
+def test_samples_real_row_only_when_stored(files, tmp_path):
+    data = results.read(files["real"])["runs"]
+    runs = _by_cut(_ctx(files["real"]))
+    clients, kinds, cells = plot.sample_panels(runs[0.3])
+    assert clients == [0, 1] and [k for k, _ in kinds] == ["real", "generated", "server_view"]
+    for i in clients:
+        stored = data[runs[0.3].name]["samples"][f"client_{i}"]["real"]
+        assert stored.dtype == np.uint8 and stored.shape == (4, 1, 16, 16)
+        np.testing.assert_array_equal(cells[(i, "real")], stored)
+    clients, kinds, cells = plot.sample_panels(runs[1.0])
+    assert [k for k, _ in kinds] == ["generated"]  # no real column, no server view at cut 1
+    # real stored for one client only: the other's cell says so
+    partial = tmp_path / "partial.h5"
+    shutil.copy(files["real"], partial)
+    with h5py.File(partial, "a") as f:
+        del f["runs"][runs[0.3].name]["samples/client_1/real"]
+    _, _, cells = plot.sample_panels(_by_cut(_ctx(str(partial)))[0.3])
+    assert isinstance(cells[(0, "real")], np.ndarray) and cells[(1, "real")] == "not stored"
+    res = _cli(files["real"], "-o", tmp_path / "figs", "--only", "samples", "--format", "png")
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(tmp_path / "figs")) == ["samples-cut0.3-n2.png", "samples-cut1-n2.png"]
+    for name in os.listdir(tmp_path / "figs"):
+        _check_png(tmp_path / "figs" / name)
 
 
 def test_every_figure_png_and_pdf(files, tmp_path):

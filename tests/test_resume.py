@@ -38,7 +38,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_resume_without_checkpoints_fails_clearly(tmp_path):
     p = launch(3, [*TINY, "--resume", "-o", str(tmp_path / "r.h5")])
-    assert p.returncode != 0 and "no checkpoint completed by all 3 ranks" in p.stderr
+    assert p.returncode != 0 and "no checkpoint completed by all 3 training ranks" in p.stderr
 
 
 def test_half_written_checkpoint_is_never_loaded(tmp_path):
@@ -52,5 +52,5 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
         for r in ranks:
             (d / f"rank{r}.pt").write_bytes(b"x")
     (tmp_path / "step00000008" / "rank2.pt.tmp").write_bytes(b"half")
-    assert checkpoint.latest_complete(cfg, 3) == 4
-    assert checkpoint.latest_complete(cfg, 2) == 8
+    assert checkpoint.latest_complete(cfg, [0, 1, 2]) == 4
+    assert checkpoint.latest_complete(cfg, [0, 1]) == 8
