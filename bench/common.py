@@ -115,11 +115,11 @@ def pct(samples, qs=(50, 90, 99)) -> dict:
 
 
 def write(name: str, record: dict, markdown: str) -> tuple[str, str]:
-    """bench/results/<name>.json and .md; returns both paths."""
+    """bench/results/<name>.json (one line) and .md; returns both paths."""
     os.makedirs(RESULTS, exist_ok=True)
     jpath, mpath = os.path.join(RESULTS, name + ".json"), os.path.join(RESULTS, name + ".md")
-    with open(jpath, "w") as fh:
-        json.dump(record, fh, indent=1, default=_json_default)
+    with open(jpath, "w") as fh:  # compact: the raw samples dominate; the .md is the readable view
+        json.dump(record, fh, separators=(",", ":"), default=_json_default)
         fh.write("\n")
     with open(mpath, "w") as fh:
         fh.write(markdown.rstrip() + "\n")
@@ -144,6 +144,21 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_or_abort(main, *args):
+    """Call main(*args); an exception on any rank prints its traceback and aborts every rank
+    (what `python -m mpi4py` does), instead of leaving the other ranks waiting forever."""
+    import traceback
+    try:
+        return main(*args)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
 
 
 def mpirun(n: int) -> list[str]:

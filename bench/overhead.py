@@ -1,6 +1,6 @@
 """The harness's own cost: one short training run with instrumentation on and off, alternated.
 
-    mpirun -n 3 --oversubscribe python bench/overhead.py            # ~3 min; bench/results/overhead.{json,md}
+    mpirun -n 3 --oversubscribe python bench/overhead.py            # ~2 min quiet, more under load; bench/results/overhead.{json,md}
     mpirun -n 3 --oversubscribe python bench/overhead.py --pairs 1 --steps 10   # smoke test
 
 Every rank runs `collafuse_mpi.run.execute` (the CLI's body) 2 * pairs times in one mpirun, in
@@ -149,7 +149,7 @@ def phase_cost(n: int = 20000) -> dict:
 def main(argv=None):
     from mpi4py import MPI
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40, help="training steps per run (3 are warm-up)")
+    ap.add_argument("--steps", type=int, default=150, help="training steps per run (3 are warm-up; 150 = config default)")
     ap.add_argument("--pairs", type=int, default=3, help="on/off pairs, alternated ABBA")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD.Dup()
@@ -252,4 +252,4 @@ def write(comm, args, everyone):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_or_abort(main)
