@@ -23,7 +23,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     p = launch(3, [*ARGS, "-o", str(parts), "--run-name", "first"], env_extra={"COLLAFUSE_FAIL_AT": "1:6"})
     assert p.returncode != 0
     ckpt = str(parts).replace(".h5", "-checkpoints")
-    assert sorted(os.listdir(ckpt)) == ["step00000004"]  # steps 4..5 ran, but no later checkpoint
+    # rank 1 died in step 6; a rank running ahead may have saved step 8 alone, which resume must skip
+    assert "step00000004" in os.listdir(ckpt)
     p = launch(3, [*ARGS, "-o", str(parts), "--append", "--resume", "--run-name", "second"])
     assert p.returncode == 0, p.stderr
     a, b = _run(whole), _run(parts, "second")
