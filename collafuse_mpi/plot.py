@@ -425,8 +425,8 @@ def fig_phases(ctx: Ctx):
         handles.append(Patch(color=OTHER_COLOR, label="other (< 1% each)"))
     handles.append(Line2D([], [], color="black", marker="_", markersize=14, linestyle="none", mew=2,
                           label="median step\n(wall clock)"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="phase", title_fontsize=8)
-    fig.suptitle("Median time per training step by phase, per rank (warm-up steps excluded)", fontsize=11)
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="phase", title_fontsize=8)
+    fig.suptitle("Time per step by phase\n(median per rank, warm-up excluded)", fontsize=11)
     notes.append("Each phase's median is taken separately, so the stack need not equal the median step time; "
                  "time inside a step that no phase covers is the gap up to the black mark.")
     footnote(fig, notes)
@@ -507,7 +507,7 @@ def fig_timeline(ctx: Ctx):
         ax.grid(True, axis="x", alpha=0.3)
     handles = [Patch(color=colors[p], label=p) for p in phases if p in used]
     handles.append(Patch(facecolor="0.93", edgecolor="0.55", label="step (start to end;\nuncovered = untimed)"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="phase", title_fontsize=8)
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="phase", title_fontsize=8)
     fig.suptitle("Phase timeline across ranks", fontsize=11)
     footnote(fig, notes)
     return [("timeline", fig)]
