@@ -10,7 +10,7 @@ import torch
 from . import comm, schedule
 from .data import Batches
 from .model import UNet
-from .training import Learner, after_step, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
+from .training import Learner, after_step, check_loss, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
 
 SERVER = 0
 
@@ -77,6 +77,8 @@ class Client:
                     in_flight.append(self.tp.isend(SERVER, comm.TRAIN, self.index, step, payload, meta=self.k))
                 self.last_batch = (x0, payload)
             loss_value = float(loss)  # the only host sync of the step
+            if self.learner is not None:
+                check_loss(self.rank, step, loss_value)
             timer.end_step(loss_value, x0.shape[0])
             if on_step:
                 on_step(step, loss_value)

@@ -9,7 +9,7 @@ import torch
 
 from . import comm, schedule
 from .model import UNet
-from .training import Learner, after_step, derive_seed, fault_point, generator, seeded, unpack_train
+from .training import Learner, after_step, check_loss, derive_seed, fault_point, generator, seeded, unpack_train
 
 
 class Server:
@@ -59,6 +59,7 @@ class Server:
             fault_point(0, step)
             x_t, t, k, eps_s = self.receive_step()
             loss = float(self.learner.step(timer, eps_s, x_t, t, k))
+            check_loss(0, step, loss)
             timer.end_step(loss, x_t.shape[0])
             if on_step:
                 on_step(step, loss)

@@ -1,6 +1,7 @@
 """What server and client share: seeds, devices, the optimiser step, the train message layout."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -49,6 +50,13 @@ PREEMPTED = threading.Event()  # set by the SIGTERM handler; roles checkpoint an
 
 class Preempted(SystemExit):
     pass
+
+
+def check_loss(rank: int, step: int, loss: float) -> None:
+    """A NaN or Inf loss ends the run at once, naming where: nothing after it can be trusted."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"rank {rank}: training loss is {loss} at step {step} "
+                                 "(lower --lr, or check the data)")
 
 
 def after_step(cfg, rank: int, step: int, timer, state_fn) -> None:

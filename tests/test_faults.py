@@ -99,3 +99,11 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     assert "preempted (SIGTERM)" in text
     saved = {f for _, _, files in os.walk(tmp_path / "r-checkpoints") for f in files}
     assert {"rank0.pt", "rank1.pt", "rank2.pt"} <= saved
+
+
+def test_nan_loss_stops_the_run_naming_step_and_rank(tmp_path):
+    from conftest import launch
+    p = launch(3, [*TINY, "--steps", "20", "--lr", "1e30", "-o", str(tmp_path / "r.h5")], timeout=90)
+    assert p.returncode != 0
+    assert "training loss is nan at step" in p.stderr or "training loss is inf at step" in p.stderr
+    assert "FAILED: FloatingPointError: rank " in p.stderr
