@@ -91,7 +91,23 @@ def recover_cut(sched, x_t, t, k, eps_s):
     return (x_t - _bcast((1 - g).sqrt(), x_t) * eps_s) / _bcast(g.sqrt(), x_t)
 
 
-def ddpm_step(sched, x_t, t: int, k: int, eps_hat, gen: torch.Generator, clip: bool):
+def anchor_bound(sched, k: int) -> float:
+    """Range the anchor can take: [-1, 1] data at k = 0; at k > 0 the cut image
+    sqrt(abar_k) x0 + sqrt(1 - abar_k) eps_c with x0 in [-1, 1] and eps_c within 4 sigma.
+    Clamping the predicted anchor to it keeps early, very noisy steps from blowing up."""
+    a = sched.abar[k].item()
+    return 1.0 if k == 0 else math.sqrt(a) + 4 * math.sqrt(1 - a)
+
+
+def _clamp(x, clip):
+    if clip is True:
+        return x.clamp(-1, 1)
+    if clip:  # a number: symmetric bound
+        return x.clamp(-clip, clip)
+    return x
+
+
+def ddpm_step(sched, x_t, t: int, k: int, eps_hat, gen: torch.Generator, clip):
     """One ancestral step t -> t-1 of the chain anchored at k (k = 0: the plain DDPM step).
 
     The posterior q(x_{t-1} | x_t, x_k) with g in place of abar; at t = k+1 its variance is
@@ -101,8 +117,7 @@ def ddpm_step(sched, x_t, t: int, k: int, eps_hat, gen: torch.Generator, clip: b
     g_prev = (sched.abar[t - 1] / sched.abar[k]).item()
     beta, alpha = sched.betas[t].item(), sched.alphas[t].item()
     x_anchor = (x_t - math.sqrt(1 - g_t) * eps_hat) / math.sqrt(g_t)
-    if clip:
-        x_anchor = x_anchor.clamp(-1, 1)
+    x_anchor = _clamp(x_anchor, clip)
     if t - 1 == k:
         return x_anchor
     mean = (math.sqrt(g_prev) * beta / (1 - g_t)) * x_anchor + (math.sqrt(alpha) * (1 - g_prev) / (1 - g_t)) * x_t
@@ -113,13 +128,12 @@ def ddpm_step(sched, x_t, t: int, k: int, eps_hat, gen: torch.Generator, clip: b
     return mean + math.sqrt(var) * noise
 
 
-def ddim_step(sched, x_t, t: int, t_next: int, k: int, eps_hat, clip: bool):
+def ddim_step(sched, x_t, t: int, t_next: int, k: int, eps_hat, clip):
     """Deterministic DDIM step (eta = 0) from t to t_next >= k on the chain anchored at k."""
     g_t = (sched.abar[t] / sched.abar[k]).item()
     g_next = (sched.abar[t_next] / sched.abar[k]).item()
     x_anchor = (x_t - math.sqrt(1 - g_t) * eps_hat) / math.sqrt(g_t)
-    if clip:
-        x_anchor = x_anchor.clamp(-1, 1)
+    x_anchor = _clamp(x_anchor, clip)
     if t_next == k:
         return x_anchor
     return math.sqrt(g_next) * x_anchor + math.sqrt(1 - g_next) * eps_hat
@@ -151,8 +165,9 @@ def side_steps(T: int, k: int, sampler: str, steps: int, side: str) -> list[tupl
 
 
 @torch.no_grad()
-def run_chain(sched, model_fn, x, k: int, pairs, sampler: str, gen: torch.Generator, clip: bool):
-    """Apply a side's steps to x. model_fn(x, t_tensor) -> eps_hat."""
+def run_chain(sched, model_fn, x, k: int, pairs, sampler: str, gen: torch.Generator, clip):
+    """Apply a side's steps to x. model_fn(x, t_tensor) -> eps_hat. clip: False, True ([-1, 1])
+    or a bound for the predicted anchor (see anchor_bound)."""
     for t, t_next in pairs:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps_hat = model_fn(x, tt)

@@ -82,6 +82,6 @@ class Server:
             pairs = schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")
             with self.timer.phase("sample"):
                 x = schedule.run_chain(self.sched, lambda x, t: model(x, t, kk), x, k, pairs,
-                                       d.sampler, gen, clip=(k == 0))
+                                       d.sampler, gen, clip=schedule.anchor_bound(self.sched, k))
             with self.timer.phase("send"):
                 self.tp.send(i + 1, comm.CUT, i, -1, x.contiguous(), meta=k)
