@@ -80,9 +80,10 @@ class Client:
             if self.learner is not None:
                 check_loss(self.rank, step, loss_value)
             timer.end_step(loss_value, x0.shape[0])
+            # before on_step: a preempted rank must not enter the collective flush its peers left
+            after_step(cfg, self.rank, step, timer, self.state_dict)
             if on_step:
                 on_step(step, loss_value)
-            after_step(cfg, self.rank, step, timer, self.state_dict)
         with timer.phase("wait"):
             while in_flight:
                 in_flight.popleft().wait()

@@ -72,15 +72,32 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
              client=info["client"], step=info["step"])
 
 
+INTERRUPT_GRACE_S = 1.0
+_interrupt_seen = {}
+
+
+def _given_up(event) -> bool:
+    """True once `event` has been set for a grace period: a wait that a live peer is about to
+    satisfy still completes, so that rank reaches its step edge and saves its state."""
+    if event is None or not event.is_set():
+        return False
+    first = _interrupt_seen.setdefault(id(event), time.monotonic())
+    return time.monotonic() - first > INTERRUPT_GRACE_S
+
+
 class Handle:
     """A send in flight; keeps its buffers alive until it completes."""
 
-    def __init__(self, requests, keep):
-        self.requests, self.keep = requests, keep
+    def __init__(self, requests, keep, interrupt=None):
+        self.requests, self.keep, self.interrupt = requests, keep, interrupt
 
     def wait(self):
-        for r in self.requests:
-            r.Wait()
+        pause = 1e-5
+        while not all(r.Test() for r in self.requests):  # polled, so a preempted rank can stop
+            if _given_up(self.interrupt):
+                raise InterruptedError("interrupted while a send was in flight")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
@@ -140,6 +157,7 @@ class MPITransport:
         self.cuda_aware_detected = detected
         self.cuda_aware = detected if cuda_aware == "auto" else cuda_aware == "yes"
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
+        self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
@@ -173,7 +191,7 @@ class MPITransport:
         reqs = [self.comm.Isend(header, dest=dest, tag=htag),
                 self.comm.Isend(self._buf(wire), dest=dest, tag=ptag)]
         self.stats.add("sent", kind, dest, wire.numel() * wire.element_size())
-        return Handle(reqs, (header, wire))
+        return Handle(reqs, (header, wire), self.interrupt)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -191,6 +209,8 @@ class MPITransport:
         deadline = time.monotonic() + self.timeout
         pause = 1e-5
         while not self.comm.Iprobe(source=source, tag=tag):
+            if _given_up(self.interrupt):
+                raise InterruptedError(f"rank {self.rank}: interrupted while waiting for rank {source}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
                                    f"{source} within {self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)")

@@ -325,6 +325,7 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
         except ConfigError as exc:
             cfg, problem = cfgmod.Config(), str(exc)
         tp = MPITransport(cuda_aware=cfg.run.cuda_aware if cfg.run.cuda_aware in cfgmod.TRISTATE else "auto")
+        tp.interrupt = PREEMPTED
         if problem:  # the same on every rank: report once
             if tp.rank == 0:
                 print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
@@ -332,9 +333,13 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
         execute(cfg, tp, progress=not cfg.run.quiet)
     except Abort:
         raise
-    except Preempted as exc:
-        _log(tp.rank if tp else -1, "preempted (SIGTERM): checkpoint saved; continue with --set run.resume=true")
-        raise SystemExit(exc.code) from None
+    except (Preempted, InterruptedError):
+        _log(tp.rank if tp else -1, "preempted (SIGTERM): state saved where a step had ended; "
+             "continue with --resume")
+        if tp is not None and tp.size > 1:
+            time.sleep(2)  # let peers reach their step edge and save, then end the job together:
+            tp.abort(143)  # a plain exit would wait in MPI_Finalize for peers that stopped mid-step
+        raise SystemExit(143) from None
     except BaseException as exc:  # any failure on any rank ends the whole job, now
         rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
         _log(rank, f"FAILED: {type(exc).__name__}: {exc}")

