@@ -29,15 +29,21 @@ def _find_rank(tag: str, rank: int):
     return None
 
 
-@pytest.mark.parametrize("victim", [2, 0])
-def test_sigkill_of_a_rank_ends_the_job(tmp_path, victim):
-    out = tmp_path / "r.h5"
+def _start_long_run(out):
+    """A run that would go on for hours, its ranks findable by a tag in their environment."""
     tag = uuid.uuid4().hex
     env = mpi_env()
     env["CF_TEST_TAG"] = tag
     cmd = mpirun_prefix(3) + [sys.executable, "-m", "collafuse_mpi.run", *TINY, "--steps", "100000",
                               "--set", "run.flush_every=2", "-o", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, tag
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_sigkill_of_a_rank_ends_the_job(tmp_path, victim):
+    out = tmp_path / "r.h5"
+    proc, tag = _start_long_run(out)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until steps are being written: training is under way
@@ -77,12 +83,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     """SLURM preemption signals every task: each rank saves its state at its next step edge,
     and the job ends instead of hanging in MPI_Finalize."""
     out = tmp_path / "r.h5"
-    tag = uuid.uuid4().hex
-    env = mpi_env()
-    env["CF_TEST_TAG"] = tag
-    cmd = mpirun_prefix(3) + [sys.executable, "-m", "collafuse_mpi.run", *TINY, "--steps", "100000",
-                              "--set", "run.flush_every=2", "-o", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, tag = _start_long_run(out)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (tmp_path / "r.h5").exists():
