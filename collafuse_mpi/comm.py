@@ -147,7 +147,9 @@ class MPITransport:
     """Point-to-point tensors over an mpi4py communicator."""
 
     def __init__(self, comm=None, cuda_aware: str = "auto", timeout: float = 600.0):
+        import mpi4py
         from mpi4py import MPI
+        self.mpi4py_version = mpi4py.__version__
         self.timeout = timeout
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD

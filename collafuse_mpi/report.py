@@ -30,11 +30,7 @@ def versions(tp) -> dict:
     import torch
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "mpi_library": tp.library(), "cuda": torch.version.cuda or "", "platform": platform.platform()}
-    try:
-        import mpi4py
-        out["mpi4py"] = mpi4py.__version__
-    except ImportError:
-        out["mpi4py"] = ""
+    out["mpi4py"] = getattr(tp, "mpi4py_version", "")
     return out
 
 
