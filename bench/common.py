@@ -23,6 +23,9 @@ RESULTS = os.path.join(BENCH, "results")
 if REPO not in sys.path:  # `python bench/x.py` puts bench/ first on sys.path, not the repo
     sys.path.insert(0, REPO)
 
+# As collafuse_mpi.run does, before torch loads: huge-page-advised large host tensors.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
@@ -64,6 +67,7 @@ def machine(comm=None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "numpy": np.__version__,
         "cuda_available": bool(torch.cuda.is_available()),
         "git_commit_head": _git_commit(),

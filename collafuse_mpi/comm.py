@@ -1,14 +1,18 @@
 """Transport: the only module that talks MPI.
 
-Every message is a fixed-size int64 header followed by one contiguous tensor payload, sent as
-raw bytes with buffer-based Send/Isend/Recv (no pickling on the hot path). Header and payload
-use different tags so a receiver can never take one for the other; MPI keeps per-tag order.
-CUDA tensors go to MPI directly when the library is CUDA-aware, else through pinned host buffers.
+Every message carries a 128-byte int64 header (kind, client, step, dtype, shape, meta) and one
+contiguous tensor payload as raw bytes (no pickling on the hot path). A host payload of at least
+GATHER_MIN bytes leaves in one MPI message with its header, gathered in place by a derived
+datatype; the receiver matches it with a matched probe, sizes its buffer from the message and
+takes it in one receive. A smaller payload, or a CUDA payload on a CUDA-aware MPI (which stays on
+the device), follows its header (flag `separate`) on the kind's second tag; MPI keeps per-tag
+order. Without a CUDA-aware MPI, CUDA tensors are staged through pinned host buffers.
 `LoopbackTransport` runs the same protocol between threads of one process, for tests.
 """
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import queue
 import threading
@@ -20,25 +24,27 @@ import torch
 
 TRAIN, SAMPLE_REQUEST, CUT, STOP = 1, 2, 3, 4
 KIND_NAMES = {TRAIN: "train_batch", SAMPLE_REQUEST: "sample_request", CUT: "cut_tensor", STOP: "stop"}
-HEADER_LEN = 12  # kind, client, step, dtype, ndim, shape[0..5], meta
+# kind, client, step, dtype, ndim, shape[0..5], meta, separate, 3 spare: 128 bytes, so a payload
+# behind the header stays 64-byte aligned in the receive buffer
+HEADER_LEN = 16
+HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 6
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
 
 
-def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> np.ndarray:
-    if tensor.dim() > MAX_DIMS:
+def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0,
+                separate: bool = False) -> np.ndarray:
+    ndim = tensor.dim()
+    if ndim > MAX_DIMS:
         raise ValueError(f"tensors of more than {MAX_DIMS} dims cannot be sent")
-    h = np.zeros(HEADER_LEN, dtype=np.int64)
-    h[:5] = kind, client, step, DTYPES.index(tensor.dtype), tensor.dim()
-    h[5:5 + tensor.dim()] = tensor.shape
-    h[11] = meta
-    return h
+    return np.array([kind, client, step, DTYPES.index(tensor.dtype), ndim, *tensor.shape,
+                     *(0,) * (MAX_DIMS - ndim), meta, int(separate), 0, 0, 0], dtype=np.int64)
 
 
 def parse_header(h: np.ndarray) -> dict:
-    ndim = int(h[4])
-    return {"kind": int(h[0]), "client": int(h[1]), "step": int(h[2]), "dtype": DTYPES[int(h[3])],
-            "shape": tuple(int(v) for v in h[5:5 + ndim]), "meta": int(h[11])}
+    v = h.tolist()
+    return {"kind": v[0], "client": v[1], "step": v[2], "dtype": DTYPES[v[3]],
+            "shape": tuple(v[5:5 + v[4]]), "meta": v[11], "separate": bool(v[12])}
 
 
 def _tags(kind: int) -> tuple[int, int]:
@@ -54,7 +60,7 @@ class Stats:
 
     def add(self, direction: str, kind: int, peer: int, nbytes: int):
         key = (direction, KIND_NAMES.get(kind, str(kind)), peer)
-        self.bytes[key] += nbytes + HEADER_LEN * 8
+        self.bytes[key] += nbytes + HEADER_BYTES
         self.count[key] += 1
 
     def total(self, direction: str) -> int:
@@ -73,6 +79,12 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
 
 
 INTERRUPT_GRACE_S = 1.0
+SPIN_S = 5e-4  # poll without sleeping this long first: the shortest sleep costs ~60 us on Linux
+# Host payloads from this size on leave in one message with their header. Below it two messages
+# cost less: a small payload arrives eagerly, so the receiver never waits on the header to post
+# its receive, and building a derived datatype costs more than the second message.
+GATHER_MIN = 64 * 1024
+SPIN_BYTES_PER_S = 1e9  # a send keeps spinning while its bytes could still be moving at this rate
 _interrupt_seen = {}
 
 
@@ -85,23 +97,44 @@ def _given_up(event) -> bool:
     return time.monotonic() - first > INTERRUPT_GRACE_S
 
 
+def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S):
+    """Wait until ready() is true, polling so that a preempted rank can stop and a dead peer is
+    noticed. It spins (yielding the core) for `spin` seconds, long enough for a message in
+    flight to land, then sleeps with backoff so an idle rank leaves its core to ranks that
+    compute (oversubscribed CPU runs). A sleeping sender notices completion late, so for large
+    messages the caller stretches `spin` with the message size."""
+    if ready():
+        return
+    start = time.monotonic()
+    spin_until = start + spin
+    deadline = None if timeout is None else start + timeout
+    pause = 5e-5
+    while not ready():
+        now = time.monotonic()
+        if now < spin_until:
+            os.sched_yield()  # lets a rank that shares this core run (oversubscribed CPU runs)
+            continue
+        if _given_up(interrupt):
+            raise InterruptedError(f"interrupted while waiting for {what}")
+        if deadline is not None and now > deadline:
+            raise TimeoutError(on_timeout or f"no {what} within {timeout:g} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+
+
 class Handle:
     """A send in flight; keeps its buffers alive until it completes."""
 
-    def __init__(self, requests, keep, interrupt=None):
+    def __init__(self, requests, keep, interrupt=None, nbytes=0):
         self.requests, self.keep, self.interrupt = requests, keep, interrupt
+        self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
 
     def wait(self):
-        pause = 1e-5
-        while not all(r.Test() for r in self.requests):  # polled, so a preempted rank can stop
-            if _given_up(self.interrupt):
-                raise InterruptedError("interrupted while a send was in flight")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+        poll(self.test, self.interrupt, what="a send in flight to complete", spin=self.spin)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
-        return all(r.Test() for r in self.requests)
+        return not self.requests or self.requests[0].Testall(self.requests)  # one call into MPI
 
 
 def cuda_aware_mpi() -> bool:
@@ -161,6 +194,9 @@ class MPITransport:
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
+        self._pool = {}  # (source, kind, form) -> receive buffer and views, for recv(reuse=True)
+        self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
+        self._header = np.empty(HEADER_LEN, dtype=np.int64)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
         local.Free()
@@ -181,19 +217,35 @@ class MPITransport:
                 return host
         return tensor
 
-    @staticmethod
-    def _buf(tensor: torch.Tensor):
-        flat = tensor.reshape(-1).view(torch.uint8)
-        return flat if flat.is_cuda else flat.numpy()
+    def _buf(self, tensor: torch.Tensor):
+        """The tensor's bytes as an MPI buffer, without a copy."""
+        if tensor.is_cuda:
+            return tensor.reshape(-1).view(torch.uint8)  # mpi4py reads __cuda_array_interface__
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        return [self.MPI.buffer.fromaddress(tensor.data_ptr(), nbytes), self.MPI.BYTE]
 
     def isend(self, dest: int, kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> Handle:
-        header = make_header(kind, client, step, tensor, meta)
         wire = self._wire(tensor)
+        nbytes = wire.numel() * wire.element_size()
         htag, ptag = _tags(kind)
-        reqs = [self.comm.Isend(header, dest=dest, tag=htag),
-                self.comm.Isend(self._buf(wire), dest=dest, tag=ptag)]
-        self.stats.add("sent", kind, dest, wire.numel() * wire.element_size())
-        return Handle(reqs, (header, wire), self.interrupt)
+        MPI = self.MPI
+        if wire.is_cuda or 0 < nbytes < GATHER_MIN:  # the payload on its own tag, behind its header
+            header = make_header(kind, client, step, wire, meta, separate=True)
+            reqs = [self.comm.Isend(header, dest=dest, tag=htag),
+                    self.comm.Isend(self._buf(wire), dest=dest, tag=ptag)]
+        elif nbytes == 0:
+            header = make_header(kind, client, step, wire, meta)
+            reqs = [self.comm.Isend(header, dest=dest, tag=htag)]
+        else:  # one message: header and payload gathered in place by a derived datatype
+            header = make_header(kind, client, step, wire, meta)
+            both = MPI.BYTE.Create_hindexed([HEADER_BYTES, nbytes], [MPI.Get_address(header), wire.data_ptr()])
+            both.Commit()
+            reqs = [self.comm.Isend([MPI.BOTTOM, 1, both], dest=dest, tag=htag)]
+            both.Free()  # allowed while in use: MPI frees it once the send no longer needs it
+        self.stats.add("sent", kind, dest, nbytes)
+        return Handle(reqs, (header, wire), self.interrupt, nbytes)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -205,33 +257,76 @@ class MPITransport:
         ranks that compute (oversubscribed CPU runs), and a peer that stops answering is reported
         after `timeout` seconds instead of hanging the job.
         """
-        tag = _tags(kind)[0]
-        if self.comm.Iprobe(source=source, tag=tag):
+        key = (source, kind)
+        if key in self._matched:
             return
-        deadline = time.monotonic() + self.timeout
-        pause = 1e-5
-        while not self.comm.Iprobe(source=source, tag=tag):
-            if _given_up(self.interrupt):
-                raise InterruptedError(f"rank {self.rank}: interrupted while waiting for rank {source}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
-                                   f"{source} within {self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+        tag, status = _tags(kind)[0], self.MPI.Status()
 
-    def recv(self, source: int, kind: int, device: torch.device = torch.device("cpu")):
-        header = np.empty(HEADER_LEN, dtype=np.int64)
-        htag, ptag = _tags(kind)
-        self.comm.Recv(header, source=source, tag=htag)
-        info = parse_header(header)
-        direct = device.type != "cuda" or self.cuda_aware
-        out = torch.empty(info["shape"], dtype=info["dtype"], device=device if direct else "cpu",
-                          pin_memory=(device.type == "cuda" and not direct))
-        self.comm.Recv(self._buf(out), source=source, tag=ptag)
+        def arrived():
+            msg = self.comm.Improbe(source=source, tag=tag, status=status)
+            if msg is not None:  # matched: only this Message can receive it now
+                self._matched[key] = (msg, status)
+            return msg is not None
+
+        poll(arrived, self.interrupt, self.timeout,
+             f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank {source} within "
+             f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)",
+             f"rank {source}")
+
+    def _landing(self, key, nbytes: int, device: torch.device, pinned: bool, reuse: bool) -> dict:
+        """A receive buffer of `nbytes`: fresh, or with `reuse` the one kept for this key while
+        the size stays the same (it does, step after step). Reuse saves the allocation and, for
+        large host buffers, the page faults of fresh memory. The entry also caches the typed
+        view of the payload, which costs more than the rest of a receive."""
+        if reuse:
+            kept = self._pool.get(key)
+            if kept is not None and kept["raw"].numel() == nbytes:
+                return kept
+        spot = {"raw": torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned), "view": None}
+        if reuse:
+            self._pool[key] = spot
+        return spot
+
+    @staticmethod
+    def _typed(spot: dict, info: dict, offset: int) -> torch.Tensor:
+        dtype, shape = info["dtype"], info["shape"]
+        v = spot["view"]
+        if v is None or v.dtype != dtype or tuple(v.shape) != shape:
+            v = spot["raw"][offset:].view(dtype).view(shape)
+            spot["view"] = v
+        return v
+
+    def _host_buf(self, raw: torch.Tensor):
+        return [self.MPI.buffer.fromaddress(raw.data_ptr(), raw.numel()), self.MPI.BYTE]
+
+    def recv(self, source: int, kind: int, device: torch.device = torch.device("cpu"), reuse: bool = False):
+        """(header info, payload). With `reuse` the payload lives in a buffer that the next
+        recv of the same kind from the same source overwrites: the caller must be done with it."""
+        self.probe(source, kind)  # returns at once when the message is already matched
+        msg, status = self._matched.pop((source, kind))
+        count = status.Get_count(self.MPI.BYTE)
+        staged = device.type == "cuda" and not self.cuda_aware
+        if count == HEADER_BYTES:  # a header alone: an empty payload, or one on its own tag
+            msg.Recv(self._header)
+            info = parse_header(self._header)
+            direct = device.type == "cuda" and self.cuda_aware
+            nbytes = info["dtype"].itemsize * math.prod(info["shape"])
+            spot = self._landing((source, kind, "separate"), nbytes, device if direct else torch.device("cpu"),
+                                 device.type == "cuda" and not direct, reuse)
+            out = self._typed(spot, info, 0)
+            if info["separate"]:
+                self.comm.Recv(self._buf(out), source=source, tag=_tags(kind)[1])
+        else:
+            spot = self._landing((source, kind, "inline"), count, torch.device("cpu"), staged, reuse)
+            msg.Recv(self._host_buf(spot["raw"]))
+            if spot.get("header") is None:
+                spot["header"] = spot["raw"][:HEADER_BYTES].numpy().view(np.int64)
+            info = parse_header(spot["header"])
+            out = self._typed(spot, info, HEADER_BYTES)
         self.stats.add("recv", kind, source, out.numel() * out.element_size())
         if self.record_dir:
             record(self.record_dir, self.rank, source, info, out)
-        if not direct:
+        if out.device != device:
             out = out.to(device, non_blocking=False)
         return info, out
 
@@ -335,7 +430,7 @@ class LoopbackTransport:
                 raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
                                    f"{source} within {self.timeout:g} s") from None
 
-    def recv(self, source, kind, device=torch.device("cpu")):
+    def recv(self, source, kind, device=torch.device("cpu"), reuse=False):
         self.probe(source, kind)
         header, payload = self._peeked.pop((source, kind))
         self.stats.add("recv", kind, source, payload.numel() * payload.element_size())

@@ -31,6 +31,7 @@ def versions(tp) -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "mpi_library": tp.library(), "cuda": torch.version.cuda or "", "platform": platform.platform()}
     out["mpi4py"] = getattr(tp, "mpi4py_version", "")
+    out["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "")  # huge pages for torch host memory
     return out
 
 

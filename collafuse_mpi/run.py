@@ -15,7 +15,11 @@ import traceback
 
 import click
 
-from . import config as cfgmod
+# Before torch loads: large host tensors get 2 MiB-aligned, huge-page-advised memory, as numpy's
+# do. MPI moves such buffers between ranks faster (bench/results/transport.md). Set it to 0 to opt out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from . import config as cfgmod  # noqa: E402
 from .config import ConfigError
 
 

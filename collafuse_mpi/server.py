@@ -42,8 +42,8 @@ class Server:
             with self.timer.phase("wait"):
                 self.tp.probe(i + 1, comm.TRAIN)
             with self.timer.phase("recv"):
-                info, payload = self.tp.recv(i + 1, comm.TRAIN, self.device)
-            x_t, eps_s, t = unpack_train(payload, self.image_shape)
+                info, payload = self.tp.recv(i + 1, comm.TRAIN, self.device, reuse=True)
+            x_t, eps_s, t = unpack_train(payload, self.image_shape)  # views; torch.cat below copies
             xs.append(x_t)
             es.append(eps_s)
             ts.append(t)

@@ -1,0 +1,109 @@
+"""Two ranks exercise MPITransport end to end; run by tests/test_comm.py under mpirun -n 2.
+
+Rank 0 sends, rank 1 receives and checks; every failed check raises, so the job exits non-zero.
+"""
+import sys
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from collafuse_mpi import comm as cm
+
+world = MPI.COMM_WORLD
+rank = world.Get_rank()
+tp = cm.MPITransport(world, timeout=2.0)
+g = torch.Generator().manual_seed(0)
+
+# (dtype, shape): every dtype the header knows, 0-d, empty, the largest rank, both sides of GATHER_MIN
+CASES = [(torch.float32, ()), (torch.float32, (0, 3)), (torch.float16, (5, 7)), (torch.bfloat16, (3, 4, 5)),
+         (torch.float64, (2, 2)), (torch.int64, (9,)), (torch.int32, (1, 1, 1, 1, 1, 4)), (torch.uint8, (33,)),
+         (torch.float32, (cm.GATHER_MIN // 4 - 1,)), (torch.float32, (cm.GATHER_MIN // 4,)),
+         (torch.float32, (64, 3, 32, 32))]
+
+
+def make(dtype, shape):
+    x = torch.randn(shape, generator=g) * 100
+    return x.to(dtype)
+
+
+def nbytes(t):
+    return t.numel() * t.element_size()
+
+
+tensors = [make(d, s) for d, s in CASES]
+
+# 1. every case arrives exactly, with its header fields, fresh and reused
+if rank == 0:
+    for reuse in (False, True):
+        for i, t in enumerate(tensors):
+            tp.send(1, cm.TRAIN, client=i, step=7, tensor=t, meta=-3)
+else:
+    for reuse in (False, True):
+        for i, t in enumerate(tensors):
+            info, got = tp.recv(0, cm.TRAIN, reuse=reuse)
+            assert (info["client"], info["step"], info["meta"], info["kind"]) == (i, 7, -3, cm.TRAIN), info
+            assert got.dtype == t.dtype and tuple(got.shape) == tuple(t.shape), (got.dtype, got.shape, t.shape)
+            assert torch.equal(got, t), f"case {i} differs"
+
+# 2. reuse: same size lands in the same memory and overwrites the last payload
+if rank == 0:
+    a, b = torch.full((4096,), 1.0), torch.full((4096,), 2.0)
+    tp.send(1, cm.CUT, 0, 0, a)
+    tp.send(1, cm.CUT, 0, 1, b)
+    tp.send(1, cm.CUT, 0, 2, torch.full((8, 512), 3.0))  # same bytes, other shape
+else:
+    _, first = tp.recv(0, cm.CUT, reuse=True)
+    kept = first.clone()
+    _, second = tp.recv(0, cm.CUT, reuse=True)
+    assert second.data_ptr() == first.data_ptr(), "reuse=True must land in the kept buffer"
+    assert torch.equal(kept, torch.full((4096,), 1.0)) and torch.equal(first, torch.full((4096,), 2.0))
+    _, third = tp.recv(0, cm.CUT, reuse=True)
+    assert tuple(third.shape) == (8, 512) and torch.equal(third, torch.full((8, 512), 3.0))
+
+# 3. the wire: a large host payload is one message of header + payload bytes; a small one is a
+#    header message (flag separate) and then exactly the payload bytes on the kind's second tag
+big, small = tensors[-1], tensors[7]
+htag, ptag = 2 * cm.SAMPLE_REQUEST, 2 * cm.SAMPLE_REQUEST + 1
+if rank == 0:
+    tp.send(1, cm.SAMPLE_REQUEST, 1, 2, big, meta=5)
+    tp.send(1, cm.SAMPLE_REQUEST, 1, 3, small)
+else:
+    st = MPI.Status()
+    msg = world.Mprobe(source=0, tag=htag, status=st)
+    assert st.Get_count(MPI.BYTE) == cm.HEADER_BYTES + nbytes(big), st.Get_count(MPI.BYTE)
+    buf = np.empty(cm.HEADER_BYTES + nbytes(big), np.uint8)
+    msg.Recv(buf)
+    info = cm.parse_header(buf[:cm.HEADER_BYTES].view(np.int64))
+    assert info["shape"] == tuple(big.shape) and info["meta"] == 5 and not info["separate"]
+    assert np.array_equal(buf[cm.HEADER_BYTES:], big.reshape(-1).view(torch.uint8).numpy())
+    msg = world.Mprobe(source=0, tag=htag, status=st)
+    assert st.Get_count(MPI.BYTE) == cm.HEADER_BYTES
+    head = np.empty(cm.HEADER_LEN, np.int64)
+    msg.Recv(head)
+    assert cm.parse_header(head)["separate"]
+    world.Probe(source=0, tag=ptag, status=st)
+    assert st.Get_count(MPI.BYTE) == nbytes(small)
+    pay = np.empty(nbytes(small), np.uint8)
+    world.Recv(pay, source=0, tag=ptag)
+    assert np.array_equal(pay, small.reshape(-1).view(torch.uint8).numpy())
+
+# 4. counted bytes: payload plus one header per message
+if rank == 1:
+    sent_to_me = sum(nbytes(t) for t in tensors) * 2 + 4096 * 4 * 2 + 8 * 512 * 4
+    got = tp.stats.bytes[("recv", "train_batch", 0)] + tp.stats.bytes[("recv", "cut_tensor", 0)]
+    assert got == sent_to_me + cm.HEADER_BYTES * (2 * len(tensors) + 3), (got, sent_to_me)
+
+# 5. a peer that never sends is named after the timeout, not waited on forever
+world.Barrier()
+if rank == 1:
+    try:
+        tp.probe(0, cm.STOP)
+    except TimeoutError as e:
+        assert "rank 0" in str(e) and "run.recv_timeout" in str(e), e
+    else:
+        raise AssertionError("probe of a silent peer did not time out")
+world.Barrier()
+if rank == 1:
+    print("all checks passed", flush=True)
+sys.exit(0)

@@ -1,0 +1,46 @@
+"""The transport's contract: header fields, exact payloads, reuse, the bytes on the wire."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from collafuse_mpi import comm as cm
+from conftest import mpi_env, mpirun_prefix
+
+
+@pytest.mark.parametrize("dtype", cm.DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 5), (1, 2, 3, 4, 5, 6)])
+def test_header_round_trip(dtype, shape):
+    t = torch.zeros(shape, dtype=dtype)
+    h = cm.make_header(cm.CUT, 3, 11, t, meta=42, separate=True)
+    assert h.nbytes == cm.HEADER_BYTES == 128  # keeps a payload behind it 64-byte aligned
+    info = cm.parse_header(h)
+    assert info == {"kind": cm.CUT, "client": 3, "step": 11, "dtype": dtype, "shape": shape, "meta": 42,
+                    "separate": True}
+
+
+def test_header_refuses_more_dims_than_it_holds():
+    with pytest.raises(ValueError, match="more than 6 dims"):
+        cm.make_header(cm.TRAIN, 0, 0, torch.zeros((1,) * 7))
+
+
+def test_stats_count_a_header_per_message():
+    s = cm.Stats()
+    s.add("sent", cm.TRAIN, 0, 1000)
+    s.add("sent", cm.TRAIN, 0, 0)
+    assert s.rows() == [("sent", "train_batch", 0, 1000 + 2 * cm.HEADER_BYTES, 2)]
+
+
+def test_poll_times_out_with_the_given_message():
+    with pytest.raises(TimeoutError, match="peer 9 is silent"):
+        cm.poll(lambda: False, timeout=0.05, on_timeout="peer 9 is silent")
+
+
+def test_two_ranks_exchange_exact_tensors():
+    script = Path(__file__).with_name("comm_pair.py")
+    p = subprocess.run(mpirun_prefix(2) + [sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, env=mpi_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "all checks passed" in p.stdout
