@@ -23,9 +23,6 @@ RESULTS = os.path.join(BENCH, "results")
 if REPO not in sys.path:  # `python bench/x.py` puts bench/ first on sys.path, not the repo
     sys.path.insert(0, REPO)
 
-# As collafuse_mpi.run does, before torch loads: huge-page-advised large host tensors.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
@@ -128,6 +125,13 @@ def write(name: str, record: dict, markdown: str) -> tuple[str, str]:
     with open(mpath, "w") as fh:
         fh.write(markdown.rstrip() + "\n")
     return jpath, mpath
+
+
+def publish(name: str, record: dict, md: list) -> None:
+    """write(), then print the tables and explanation (md past its header block) and the paths."""
+    paths = write(name, record, "\n".join(md))
+    print("\n".join(md[4:]))
+    print("wrote", *paths)
 
 
 def _json_default(o):

@@ -181,9 +181,7 @@ def main(argv=None):
                         "speedup (P50s)", "speedup (median of paired ratios)", "samples",
                         "fused fwd/bwd/opt ms", "per-client fwd/bwd/opt ms"], rows), "",
           explain(results)]
-    paths = common.write("fused_server", record, "\n".join(md))
-    print("\n".join(md[4:]))
-    print("wrote", *paths)
+    common.publish("fused_server", record, md)
 
 
 if __name__ == "__main__":

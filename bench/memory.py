@@ -249,9 +249,7 @@ def main(argv=None):
           "ru_maxrss and VmHWM are the whole process's peak (imports, data, training, sampling, "
           "metrics); most of it is the Python + torch + MPI runtime, shared libraries counted in full "
           "in every rank. The per-step RSS is the last 0.2 s sample before that step started."]
-    paths = common.write("memory", record, "\n".join(md))
-    print("\n".join(md[4:]))
-    print("wrote", *paths)
+    common.publish("memory", record, md)
 
 
 if __name__ == "__main__":

@@ -246,9 +246,7 @@ def write(comm, args, everyone):
           "by more than the noise.", ""]
     if note:
         md.append(note)
-    paths = common.write("overhead", record, "\n".join(md))
-    print("\n".join(md[4:]))
-    print("wrote", *paths)
+    common.publish("overhead", record, md)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class Transport:
         self.tp.send(dest, self.cm.TRAIN, 0, 0, x)
 
     def buffers(self, x):
-        return [x.data_ptr()] + [spot["raw"].data_ptr() for spot in self.tp._pool.values()]
+        return [x.data_ptr()] + [kept.data_ptr() for kept in self.tp._pool.values()]
 
     def recv(self, source):
         return self.tp.recv(source, self.cm.TRAIN, self.device, reuse=self.reuse)[1]
@@ -244,7 +244,7 @@ def python_overhead(n: int = 5000) -> dict:
 
     from collafuse_mpi import comm as cm
     x = torch.randn(256)
-    h = cm.make_header(cm.TRAIN, 0, 0, x, separate=True)  # 1 KiB goes as header + payload
+    h = cm.make_header(cm.TRAIN, 0, 0, x)
     stats = cm.Stats()
     big = np.empty(4 * MiB, np.float32)
 
@@ -263,8 +263,7 @@ def python_overhead(n: int = 5000) -> dict:
         def Isend(self, buf, dest, tag):
             return _Req()
 
-        def Improbe(self, source, tag, status):
-            status.Set_elements(MPI.BYTE, cm.HEADER_BYTES)
+        def Improbe(self, source, tag):
             return _Msg()
 
         def Recv(self, buf, source, tag):
@@ -377,9 +376,7 @@ def report(comm, raw, sizes, methods, quick, cuda_note, pages, name="transport")
            "## targets (sizes >= 1 MiB)\n"]
     md += [f"- {k}: **{'n/a' if v is None else 'PASS' if v else 'FAIL'}**" for k, v in targets.items()]
     md += ["", "## explanation\n", record["explanation"]]
-    paths = common.write(name, record, "\n".join(md))
-    print("\n".join(md[4:]))
-    print("wrote", *paths)
+    common.publish(name, record, md)
 
 
 def explain(rat, over) -> str:
@@ -387,22 +384,19 @@ def explain(rat, over) -> str:
     lines = [f"{human(r['bytes'])}: (a)/(b) = {r['bandwidth_a_over_b']:.2f} streaming, "
              f"{r['latency_a_over_b']:.2f} ping-pong; (a)/(c) = {r['bandwidth_a_over_c']:.1f} streaming, "
              f"{r['latency_a_over_c']:.1f} ping-pong." for r in big]
-    text = ("Large messages. " + " ".join(lines) + " At these sizes the transport sends one MPI message "
-            "per tensor: the 128-byte header and the payload gathered in place by a derived datatype, "
-            "matched on the receiver with Mprobe and received into the buffer kept from the last message "
-            "of that kind and peer. What it adds over (b) is fixed per message (the Python work below, "
-            "some microseconds), so the ratio rises with size. A ratio above 1 means this MPI moved the "
-            "header-plus-payload message faster than (b)'s plain Send into a posted Recv: a property of "
-            "the library's protocols on this machine, not a transport faster than the wire. Run-to-run "
-            "noise is several percent (2 shared cores, loadavg in the header): compare P50s and look at "
-            "the P90/P99 spread.\n\n")
+    text = ("Large messages. " + " ".join(lines) + " The transport sends a 96-byte header and then the "
+            "payload from the tensor's own memory; the receiver matches the header with a matched probe "
+            "and receives the payload into the buffer kept from the last message of that kind and peer. "
+            "What it adds over (b) is fixed per message: the header message, and Python work of some "
+            "microseconds (below), so the ratio rises with size. Run-to-run noise on this machine is "
+            "large (2 vCPUs shared with other tenants, loadavg in the header): repeated runs are recorded "
+            "side by side in transport-runs.md.\n\n")
     small = rat[0]
     per_side = sum(v for k, v in over.items() if k.startswith("MPITransport.") and "reuse" not in k)
     text += (f"Small messages. At 1 KiB (a) is {small['latency_a_over_b']:.2f}x of raw in ping-pong and "
              f"{small['bandwidth_a_over_b']:.2f}x streaming: raw Send/Recv of 1 KiB costs 1-3 us, the "
              f"transport's own Python/torch work about {per_side:.0f} us per message (send + recv with MPI "
-             "stubbed out, below), and below 64 KiB the payload follows its header as a second message "
-             "(cheaper there than building a datatype). For the training payload (32 x 513 float32 = 66 KB) "
+             "stubbed out, below), plus the header message. For the training payload (32 x 513 float32 = 66 KB) "
              "that is tens of microseconds per step against steps of tens to hundreds of milliseconds.\n\n")
     ac = min(r["bandwidth_a_over_c"] for r in big)
     if ac < 20:
@@ -420,7 +414,44 @@ def explain(rat, over) -> str:
     return text
 
 
+def summarise_runs(names: list[str]) -> None:
+    """bench/results/transport-runs.md: the ratios of several recorded runs side by side."""
+    import json
+    import os
+    runs = []
+    for name in names:
+        with open(os.path.join(common.RESULTS, name + ".json")) as fh:
+            runs.append((name, json.load(fh)))
+    header = ["size"] + [f"{n}: bw a/b, ping-pong a/b, bw a/c" for n, _ in runs]
+    rows = []
+    for i, nbytes in enumerate(runs[0][1]["sizes_bytes"]):
+        row = [human(nbytes)]
+        for _, rec in runs:
+            r = rec["ratios_p50"][i]
+            row.append(f"{r['bandwidth_a_over_b']:.2f}, {r['latency_a_over_b']:.2f}, {r['bandwidth_a_over_c']:.1f}")
+        rows.append(row)
+    big = [r for _, rec in runs for r in rec["ratios_p50"] if r["bytes"] >= MiB]
+    md = ["# transport: repeated runs\n",
+          "Command: `for i in 1 2 3; do mpirun -n 2 --bind-to core python bench/transport.py --name "
+          "transport-run$i; done; python bench/transport.py --summary transport-run1 transport-run2 transport-run3`\n",
+          "Each run is a separate mpirun on the same machine (its own file holds the machine, versions, "
+          "P50/P90/P99 and the explanation). a = MPITransport, b = raw mpi4py Send/Recv, c = pickled send/recv; "
+          "ratios of P50 bandwidth.\n", common.table(header, rows), "",
+          f"- at >= 1 MiB over {len(runs)} runs: streaming a/b {min(r['bandwidth_a_over_b'] for r in big):.2f} to "
+          f"{max(r['bandwidth_a_over_b'] for r in big):.2f} (target >= 0.95), a/c "
+          f"{min(r['bandwidth_a_over_c'] for r in big):.1f} to {max(r['bandwidth_a_over_c'] for r in big):.1f} "
+          "(target >= 20)"]
+    path = os.path.join(common.RESULTS, "transport-runs.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    print("wrote", path)
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summary":
+        summarise_runs(sys.argv[2:])
+        return 0
     from mpi4py import MPI
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 samples per size, for a smoke test")

@@ -1,18 +1,21 @@
 """Transport: the only module that talks MPI.
 
-Every message carries a 128-byte int64 header (kind, client, step, dtype, shape, meta) and one
-contiguous tensor payload as raw bytes (no pickling on the hot path). A host payload of at least
-GATHER_MIN bytes leaves in one MPI message with its header, gathered in place by a derived
-datatype; the receiver matches it with a matched probe, sizes its buffer from the message and
-takes it in one receive. A smaller payload, or a CUDA payload on a CUDA-aware MPI (which stays on
-the device), follows its header (flag `separate`) on the kind's second tag; MPI keeps per-tag
-order. Without a CUDA-aware MPI, CUDA tensors are staged through pinned host buffers.
+Every message is a fixed-size int64 header followed, when the tensor is not empty, by one
+contiguous payload as raw bytes (no pickling on the hot path), on the kind's second tag; MPI keeps
+per-tag order. The receiver matches the header with a matched probe, so no other receive can take
+it, and lands the payload in a fresh or a kept buffer. CUDA tensors go to MPI directly when the
+library is CUDA-aware, else through pinned host buffers.
+
+Why not one message, header and payload gathered by a derived datatype: it measured as fast as a
+plain Send in isolation, but MPI cannot move a non-contiguous message by single copy, so a large
+one advances only while its sender calls into MPI. A client that computes after its Isend then
+stalls the server's receive for most of a step (bench/results/overlap.md).
+
 `LoopbackTransport` runs the same protocol between threads of one process, for tests.
 """
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import queue
 import threading
@@ -24,27 +27,24 @@ import torch
 
 TRAIN, SAMPLE_REQUEST, CUT, STOP = 1, 2, 3, 4
 KIND_NAMES = {TRAIN: "train_batch", SAMPLE_REQUEST: "sample_request", CUT: "cut_tensor", STOP: "stop"}
-# kind, client, step, dtype, ndim, shape[0..5], meta, separate, 3 spare: 128 bytes, so a payload
-# behind the header stays 64-byte aligned in the receive buffer
-HEADER_LEN = 16
+HEADER_LEN = 12  # kind, client, step, dtype, ndim, shape[0..5], meta
 HEADER_BYTES = HEADER_LEN * 8
 MAX_DIMS = 6
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
 
 
-def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0,
-                separate: bool = False) -> np.ndarray:
+def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> np.ndarray:
     ndim = tensor.dim()
     if ndim > MAX_DIMS:
         raise ValueError(f"tensors of more than {MAX_DIMS} dims cannot be sent")
     return np.array([kind, client, step, DTYPES.index(tensor.dtype), ndim, *tensor.shape,
-                     *(0,) * (MAX_DIMS - ndim), meta, int(separate), 0, 0, 0], dtype=np.int64)
+                     *(0,) * (MAX_DIMS - ndim), meta], dtype=np.int64)
 
 
 def parse_header(h: np.ndarray) -> dict:
     v = h.tolist()
     return {"kind": v[0], "client": v[1], "step": v[2], "dtype": DTYPES[v[3]],
-            "shape": tuple(v[5:5 + v[4]]), "meta": v[11], "separate": bool(v[12])}
+            "shape": tuple(v[5:5 + v[4]]), "meta": v[11]}
 
 
 def _tags(kind: int) -> tuple[int, int]:
@@ -80,10 +80,6 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
 
 INTERRUPT_GRACE_S = 1.0
 SPIN_S = 5e-4  # poll without sleeping this long first: the shortest sleep costs ~60 us on Linux
-# Host payloads from this size on leave in one message with their header. Below it two messages
-# cost less: a small payload arrives eagerly, so the receiver never waits on the header to post
-# its receive, and building a derived datatype costs more than the second message.
-GATHER_MIN = 64 * 1024
 SPIN_BYTES_PER_S = 1e9  # a send keeps spinning while its bytes could still be moving at this rate
 _interrupt_seen = {}
 
@@ -194,7 +190,7 @@ class MPITransport:
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
-        self._pool = {}  # (source, kind, form) -> receive buffer and views, for recv(reuse=True)
+        self._pool = {}  # (source, kind, direct) -> kept receive tensor, for recv(reuse=True)
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
         self._header = np.empty(HEADER_LEN, dtype=np.int64)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -230,20 +226,10 @@ class MPITransport:
         wire = self._wire(tensor)
         nbytes = wire.numel() * wire.element_size()
         htag, ptag = _tags(kind)
-        MPI = self.MPI
-        if wire.is_cuda or 0 < nbytes < GATHER_MIN:  # the payload on its own tag, behind its header
-            header = make_header(kind, client, step, wire, meta, separate=True)
-            reqs = [self.comm.Isend(header, dest=dest, tag=htag),
-                    self.comm.Isend(self._buf(wire), dest=dest, tag=ptag)]
-        elif nbytes == 0:
-            header = make_header(kind, client, step, wire, meta)
-            reqs = [self.comm.Isend(header, dest=dest, tag=htag)]
-        else:  # one message: header and payload gathered in place by a derived datatype
-            header = make_header(kind, client, step, wire, meta)
-            both = MPI.BYTE.Create_hindexed([HEADER_BYTES, nbytes], [MPI.Get_address(header), wire.data_ptr()])
-            both.Commit()
-            reqs = [self.comm.Isend([MPI.BOTTOM, 1, both], dest=dest, tag=htag)]
-            both.Free()  # allowed while in use: MPI frees it once the send no longer needs it
+        header = make_header(kind, client, step, wire, meta)
+        reqs = [self.comm.Isend(header, dest=dest, tag=htag)]
+        if nbytes:
+            reqs.append(self.comm.Isend(self._buf(wire), dest=dest, tag=ptag))
         self.stats.add("sent", kind, dest, nbytes)
         return Handle(reqs, (header, wire), self.interrupt, nbytes)
 
@@ -253,19 +239,19 @@ class MPITransport:
     def probe(self, source: int, kind: int) -> None:
         """Block until a message of this kind from source is ready (time spent here is idle wait).
 
-        Polls with short sleeps instead of a blocking Probe: an idle rank then leaves its core to
-        ranks that compute (oversubscribed CPU runs), and a peer that stops answering is reported
-        after `timeout` seconds instead of hanging the job.
+        Polls (see `poll`) instead of a blocking Probe: an idle rank soon leaves its core to ranks
+        that compute (oversubscribed CPU runs), and a peer that stops answering is reported after
+        `timeout` seconds instead of hanging the job. The header it matches waits for recv.
         """
         key = (source, kind)
         if key in self._matched:
             return
-        tag, status = _tags(kind)[0], self.MPI.Status()
+        tag = _tags(kind)[0]
 
         def arrived():
-            msg = self.comm.Improbe(source=source, tag=tag, status=status)
+            msg = self.comm.Improbe(source=source, tag=tag)
             if msg is not None:  # matched: only this Message can receive it now
-                self._matched[key] = (msg, status)
+                self._matched[key] = msg
             return msg is not None
 
         poll(arrived, self.interrupt, self.timeout,
@@ -273,60 +259,39 @@ class MPITransport:
              f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)",
              f"rank {source}")
 
-    def _landing(self, key, nbytes: int, device: torch.device, pinned: bool, reuse: bool) -> dict:
-        """A receive buffer of `nbytes`: fresh, or with `reuse` the one kept for this key while
-        the size stays the same (it does, step after step). Reuse saves the allocation and, for
-        large host buffers, the page faults of fresh memory. The entry also caches the typed
-        view of the payload, which costs more than the rest of a receive."""
+    def _landing(self, key, info, device: torch.device, pinned: bool, reuse: bool) -> torch.Tensor:
+        """Where a payload lands: a fresh tensor, or with `reuse` the tensor kept for this
+        (source, kind) while dtype and shape stay the same (they do, step after step). Reuse saves
+        the allocation and, for large host buffers, the page faults of fresh memory."""
+        dtype, shape = info["dtype"], info["shape"]
         if reuse:
             kept = self._pool.get(key)
-            if kept is not None and kept["raw"].numel() == nbytes:
+            if kept is not None and kept.dtype == dtype and tuple(kept.shape) == shape:
+                if kept.is_cuda:  # kernels queued on the last payload must finish before MPI overwrites it
+                    torch.cuda.current_stream(kept.device).synchronize()
                 return kept
-        spot = {"raw": torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned), "view": None}
+        out = torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
         if reuse:
-            self._pool[key] = spot
-        return spot
-
-    @staticmethod
-    def _typed(spot: dict, info: dict, offset: int) -> torch.Tensor:
-        dtype, shape = info["dtype"], info["shape"]
-        v = spot["view"]
-        if v is None or v.dtype != dtype or tuple(v.shape) != shape:
-            v = spot["raw"][offset:].view(dtype).view(shape)
-            spot["view"] = v
-        return v
-
-    def _host_buf(self, raw: torch.Tensor):
-        return [self.MPI.buffer.fromaddress(raw.data_ptr(), raw.numel()), self.MPI.BYTE]
+            self._pool[key] = out
+        return out
 
     def recv(self, source: int, kind: int, device: torch.device = torch.device("cpu"), reuse: bool = False):
         """(header info, payload). With `reuse` the payload lives in a buffer that the next
         recv of the same kind from the same source overwrites: the caller must be done with it."""
-        self.probe(source, kind)  # returns at once when the message is already matched
-        msg, status = self._matched.pop((source, kind))
-        count = status.Get_count(self.MPI.BYTE)
-        staged = device.type == "cuda" and not self.cuda_aware
-        if count == HEADER_BYTES:  # a header alone: an empty payload, or one on its own tag
-            msg.Recv(self._header)
-            info = parse_header(self._header)
-            direct = device.type == "cuda" and self.cuda_aware
-            nbytes = info["dtype"].itemsize * math.prod(info["shape"])
-            spot = self._landing((source, kind, "separate"), nbytes, device if direct else torch.device("cpu"),
-                                 device.type == "cuda" and not direct, reuse)
-            out = self._typed(spot, info, 0)
-            if info["separate"]:
-                self.comm.Recv(self._buf(out), source=source, tag=_tags(kind)[1])
-        else:
-            spot = self._landing((source, kind, "inline"), count, torch.device("cpu"), staged, reuse)
-            msg.Recv(self._host_buf(spot["raw"]))
-            if spot.get("header") is None:
-                spot["header"] = spot["raw"][:HEADER_BYTES].numpy().view(np.int64)
-            info = parse_header(spot["header"])
-            out = self._typed(spot, info, HEADER_BYTES)
-        self.stats.add("recv", kind, source, out.numel() * out.element_size())
+        self.probe(source, kind)  # returns at once when the header is already matched
+        msg = self._matched.pop((source, kind))
+        msg.Recv(self._header)
+        info = parse_header(self._header)
+        direct = device.type != "cuda" or self.cuda_aware
+        out = self._landing((source, kind, direct), info, device if direct else torch.device("cpu"),
+                            device.type == "cuda" and not direct, reuse)
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
+            self.comm.Recv(self._buf(out), source=source, tag=_tags(kind)[1])
+        self.stats.add("recv", kind, source, nbytes)
         if self.record_dir:
             record(self.record_dir, self.rank, source, info, out)
-        if out.device != device:
+        if not direct:
             out = out.to(device, non_blocking=False)
         return info, out
 

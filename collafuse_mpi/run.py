@@ -15,11 +15,7 @@ import traceback
 
 import click
 
-# Before torch loads: large host tensors get 2 MiB-aligned, huge-page-advised memory, as numpy's
-# do. MPI moves such buffers between ranks faster (bench/results/transport.md). Set it to 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-from . import config as cfgmod  # noqa: E402
+from . import config as cfgmod
 from .config import ConfigError
 
 

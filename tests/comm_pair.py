@@ -15,10 +15,9 @@ rank = world.Get_rank()
 tp = cm.MPITransport(world, timeout=2.0)
 g = torch.Generator().manual_seed(0)
 
-# (dtype, shape): every dtype the header knows, 0-d, empty, the largest rank, both sides of GATHER_MIN
+# (dtype, shape): every dtype the header knows, 0-d, empty, the largest rank, eager and rendezvous sizes
 CASES = [(torch.float32, ()), (torch.float32, (0, 3)), (torch.float16, (5, 7)), (torch.bfloat16, (3, 4, 5)),
          (torch.float64, (2, 2)), (torch.int64, (9,)), (torch.int32, (1, 1, 1, 1, 1, 4)), (torch.uint8, (33,)),
-         (torch.float32, (cm.GATHER_MIN // 4 - 1,)), (torch.float32, (cm.GATHER_MIN // 4,)),
          (torch.float32, (64, 3, 32, 32))]
 
 
@@ -61,32 +60,34 @@ else:
     _, third = tp.recv(0, cm.CUT, reuse=True)
     assert tuple(third.shape) == (8, 512) and torch.equal(third, torch.full((8, 512), 3.0))
 
-# 3. the wire: a large host payload is one message of header + payload bytes; a small one is a
-#    header message (flag separate) and then exactly the payload bytes on the kind's second tag
-big, small = tensors[-1], tensors[7]
+# 3. the wire: a header message of exactly HEADER_BYTES, then exactly the payload's bytes on the
+#    kind's second tag; an empty tensor sends the header alone
+big, empty = tensors[-1], tensors[1]
 htag, ptag = 2 * cm.SAMPLE_REQUEST, 2 * cm.SAMPLE_REQUEST + 1
 if rank == 0:
     tp.send(1, cm.SAMPLE_REQUEST, 1, 2, big, meta=5)
-    tp.send(1, cm.SAMPLE_REQUEST, 1, 3, small)
+    tp.send(1, cm.SAMPLE_REQUEST, 1, 3, empty)
+    tp.send(1, cm.SAMPLE_REQUEST, 1, 4, big)
 else:
     st = MPI.Status()
-    msg = world.Mprobe(source=0, tag=htag, status=st)
-    assert st.Get_count(MPI.BYTE) == cm.HEADER_BYTES + nbytes(big), st.Get_count(MPI.BYTE)
-    buf = np.empty(cm.HEADER_BYTES + nbytes(big), np.uint8)
-    msg.Recv(buf)
-    info = cm.parse_header(buf[:cm.HEADER_BYTES].view(np.int64))
-    assert info["shape"] == tuple(big.shape) and info["meta"] == 5 and not info["separate"]
-    assert np.array_equal(buf[cm.HEADER_BYTES:], big.reshape(-1).view(torch.uint8).numpy())
-    msg = world.Mprobe(source=0, tag=htag, status=st)
-    assert st.Get_count(MPI.BYTE) == cm.HEADER_BYTES
-    head = np.empty(cm.HEADER_LEN, np.int64)
-    msg.Recv(head)
-    assert cm.parse_header(head)["separate"]
-    world.Probe(source=0, tag=ptag, status=st)
-    assert st.Get_count(MPI.BYTE) == nbytes(small)
-    pay = np.empty(nbytes(small), np.uint8)
-    world.Recv(pay, source=0, tag=ptag)
-    assert np.array_equal(pay, small.reshape(-1).view(torch.uint8).numpy())
+    for step in (2, 3):
+        world.Probe(source=0, tag=htag, status=st)
+        assert st.Get_count(MPI.BYTE) == cm.HEADER_BYTES, st.Get_count(MPI.BYTE)
+        head = np.empty(cm.HEADER_LEN, np.int64)
+        world.Recv(head, source=0, tag=htag)
+        info = cm.parse_header(head)
+        t = big if step == 2 else empty
+        assert info["step"] == step and info["shape"] == tuple(t.shape), info
+        if step == 2:
+            assert info["meta"] == 5
+            world.Probe(source=0, tag=ptag, status=st)
+            assert st.Get_count(MPI.BYTE) == nbytes(big)
+            pay = np.empty(nbytes(big), np.uint8)
+            world.Recv(pay, source=0, tag=ptag)
+            assert np.array_equal(pay, big.reshape(-1).view(torch.uint8).numpy())
+    # nothing of the empty tensor follows on the payload tag: the next payload is step 4's
+    info, got = tp.recv(0, cm.SAMPLE_REQUEST)
+    assert info["step"] == 4 and torch.equal(got, big)
 
 # 4. counted bytes: payload plus one header per message
 if rank == 1:

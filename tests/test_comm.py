@@ -14,11 +14,10 @@ from conftest import mpi_env, mpirun_prefix
 @pytest.mark.parametrize("shape", [(), (0,), (3, 5), (1, 2, 3, 4, 5, 6)])
 def test_header_round_trip(dtype, shape):
     t = torch.zeros(shape, dtype=dtype)
-    h = cm.make_header(cm.CUT, 3, 11, t, meta=42, separate=True)
-    assert h.nbytes == cm.HEADER_BYTES == 128  # keeps a payload behind it 64-byte aligned
+    h = cm.make_header(cm.CUT, 3, 11, t, meta=42)
+    assert h.nbytes == cm.HEADER_BYTES == 96
     info = cm.parse_header(h)
-    assert info == {"kind": cm.CUT, "client": 3, "step": 11, "dtype": dtype, "shape": shape, "meta": 42,
-                    "separate": True}
+    assert info == {"kind": cm.CUT, "client": 3, "step": 11, "dtype": dtype, "shape": shape, "meta": 42}
 
 
 def test_header_refuses_more_dims_than_it_holds():

@@ -11,7 +11,7 @@ from conftest import TINY, launch, tiny_config
 pytestmark = pytest.mark.mpi
 
 D = 1 * 16 * 16  # pixels of one default image
-HEADER = 16 * 8  # the int64 header that travels with every payload
+HEADER = 12 * 8  # the int64 header that travels with every payload
 
 
 def _only_run(path):
