@@ -29,7 +29,8 @@ class Client:
         if k >= 1:  # a client with k = 0 owns no timestep and trains nothing
             model = seeded(derive_seed(seed, self.rank, "init"),
                            lambda: UNet(cfg.data.channels, cfg.model.preset, False, cfg.model.dropout)).to(device)
-            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip,
+                                   cfg.train.autocast, cfg.train.channels_last)
         self.start_step = 0
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         if self.record_dir:

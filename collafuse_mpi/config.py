@@ -95,6 +95,10 @@ class TrainConfig:
     """Server batches a client may have in flight before it waits for the oldest send."""
     warmup_steps: int = 3
     """Steps marked as warm-up in the results (kept, never dropped)."""
+    autocast: str = "off"
+    """Training forward pass under torch.autocast: off, or bf16 (the loss stays float32)."""
+    channels_last: bool = False
+    """Keep models and training inputs in channels_last memory format."""
 
 
 @dataclass
@@ -293,6 +297,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_number(tr.ema_decay) and 0 <= tr.ema_decay < 1, "train.ema_decay must be in [0, 1)")
     _check(_is_number(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip must be >= 0")
     _check(_is_int(tr.max_in_flight) and tr.max_in_flight >= 1, "train.max_in_flight must be >= 1")
+    _check(tr.autocast in ("off", "bf16"), f"train.autocast must be off or bf16, not {tr.autocast!r}")
+    _check(isinstance(tr.channels_last, bool), "train.channels_last must be true or false")
     _check(_is_int(tr.warmup_steps) and tr.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     _check(_is_int(s.samples_per_client) and s.samples_per_client >= 1,
            "sample.samples_per_client must be >= 1")

@@ -25,7 +25,8 @@ class Server:
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
-            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip)
+            self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip,
+                                   cfg.train.autocast, cfg.train.channels_last)
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict() if self.learner else None}

@@ -87,9 +87,14 @@ def sync_fn(device: torch.device):
 class Learner:
     """A model with its optimiser, EMA and gradient clipping; timed in phases."""
 
-    def __init__(self, model, lr: float, ema_decay: float, grad_clip: float):
+    def __init__(self, model, lr: float, ema_decay: float, grad_clip: float, autocast: str = "off",
+                 channels_last: bool = False):
         from .model import EMA
+        self.channels_last = channels_last
+        if channels_last:  # before the EMA copy, so sampling runs in the same format
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.autocast = autocast
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
         self.ema = EMA(model, ema_decay)
         self.grad_clip = grad_clip
@@ -103,8 +108,13 @@ class Learner:
         self.ema.model.load_state_dict(state["ema"])
 
     def step(self, timer, eps, *inputs) -> float:
+        if self.channels_last:
+            inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
         with timer.phase("forward"):
-            loss = F.mse_loss(self.model(*inputs), eps)
+            device = inputs[0].device.type
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+                out = self.model(*inputs)
+            loss = F.mse_loss(out.float(), eps)
         with timer.phase("backward"):
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -165,6 +165,8 @@ def test_channels(cfg):
     ("data", "partition", "zipf", r"data\.partition"),
     ("run", "device", "tpu", r"run\.device"),
     ("run", "if_exists", "ignore", r"run\.if_exists"),
+    ("train", "autocast", "fp8", r"train\.autocast must be off or bf16"),
+    ("train", "channels_last", "yes", r"train\.channels_last"),
 ])
 def test_other_invalid_values_name_their_field(cfg, section, key, value, match):
     setattr(getattr(cfg, section), key, value)
