@@ -6,9 +6,17 @@
 
 Pass 1, side by side (the order rotates from sample to sample):
   (a) transport  collafuse_mpi.comm.MPITransport.send/recv of a CPU float32 tensor, received with
-                 reuse=True as the server receives training batches.
+                 into= (the caller's memory), as the server receives training batches into its
+                 fused batch. It sends from and receives into the same memory as (b).
   (b) raw        mpi4py Comm.Send/Recv of a numpy float32 buffer into a preallocated buffer (osu_*).
-  (c) pickle     mpi4py Comm.send/recv of the numpy array (pickled with MPI.pickle.PROTOCOL).
+  (c) pickle     mpi4py Comm.send/recv of the same numpy array (pickled with MPI.pickle.PROTOCOL).
+  (f) raw_two    the transport's protocol in bare mpi4py: a 96-byte header message matched by
+                 Improbe, then the payload as its own message, in (b)'s memory, both sides polling
+                 as the transport does. (f)/(b) is what the protocol costs; (a)/(f) is what the
+                 transport's Python work costs.
+  (e) transport_kept  the transport with reuse=True: its own kept receive buffer and its own
+                 source tensor. Other memory than (b)'s moved even raw Send/Recv by ~10% here
+                 (cache and page placement), which is why (a) shares (b)'s.
   With CUDA (torch.cuda.is_available()) also (d) transport of CUDA tensors, on the path the
   transport picks (cuda-aware when the MPI library says so, else host-staged through pinned memory).
 Pass 2, diagnostics, side by side with each other only (fresh memory per message slows whatever
@@ -31,6 +39,7 @@ Targets (sizes >= 1 MiB): bandwidth(a) >= 0.95 * bandwidth(b) and >= 20 * bandwi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -40,8 +49,13 @@ import common  # also puts the repository on sys.path
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [KiB * 4 ** i for i in range(8)]  # 1 KiB .. 16 MiB
-TAG_RAW, TAG_PICKLE, TAG_ACK = 100, 101, 102
+TAG_RAW, TAG_PICKLE, TAG_ACK, TAG_TWO = 100, 101, 102, 104
 _now = time.perf_counter
+
+
+def memory(nbytes):
+    """(source, receive) numpy float32 buffers of one size, shared by the methods that compare."""
+    return np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32), np.empty(nbytes // 4, np.float32)
 
 
 class Raw:
@@ -50,9 +64,9 @@ class Raw:
     def __init__(self, comm):
         self.comm = comm
 
-    def make(self, nbytes):
-        self.buf = np.empty(nbytes // 4, dtype=np.float32)
-        return np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
+    def make(self, nbytes, shared):
+        x, self.buf = shared
+        return x
 
     def send(self, dest, x):
         self.comm.Send(x, dest=dest, tag=TAG_RAW)
@@ -62,6 +76,32 @@ class Raw:
 
     def recv(self, source):
         self.comm.Recv(self.buf, source=source, tag=TAG_RAW)
+        return self.buf
+
+
+class RawTwo(Raw):
+    """(f) header message, then payload message, in bare mpi4py: the floor of the protocol."""
+    name = "raw_two"
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+        super().__init__(comm)
+        self.testall = MPI.Request.Testall
+        self.head, self.rhead = np.zeros(12, np.int64), np.zeros(12, np.int64)
+
+    def send(self, dest, x):  # both sides wait as the transport does: poll, yielding the core
+        reqs = [self.comm.Isend(self.head, dest, TAG_TWO), self.comm.Isend(x, dest, TAG_TWO + 1)]
+        while not self.testall(reqs):
+            os.sched_yield()
+
+    def recv(self, source):
+        while True:
+            msg = self.comm.Improbe(source, TAG_TWO)
+            if msg is not None:
+                break
+            os.sched_yield()
+        msg.Recv(self.rhead)
+        self.comm.Recv(self.buf, source, TAG_TWO + 1)
         return self.buf
 
 
@@ -85,8 +125,8 @@ class Pickle:
     def __init__(self, comm):
         self.comm = comm
 
-    def make(self, nbytes):
-        return np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
+    def make(self, nbytes, shared):
+        return shared[0]
 
     def send(self, dest, x):
         self.comm.send(x, dest=dest, tag=TAG_PICKLE)
@@ -101,19 +141,24 @@ class Pickle:
 class Transport:
     name = "transport"
 
-    def __init__(self, comm, device="cpu", reuse=True):
+    def __init__(self, comm, device="cpu", reuse=True, shared=True):
         import torch
 
         from collafuse_mpi import comm as cm
         self.torch, self.cm = torch, cm
         self.tp = cm.MPITransport(comm)  # collective (Split_type): every rank builds it
-        self.device, self.reuse = torch.device(device), reuse
-        if not reuse:
-            self.name = "transport_fresh"
+        self.device, self.reuse, self.shared = torch.device(device), reuse, shared
+        self.into = None
+        if not shared:
+            self.name = "transport_kept" if reuse else "transport_fresh"
         if self.device.type == "cuda":
             self.name = f"transport-cuda ({self.tp.path(self.device)})"
 
-    def make(self, nbytes):
+    def make(self, nbytes, shared):
+        if self.shared and self.device.type == "cpu":  # (b)'s memory, viewed as tensors
+            dst = self.torch.from_numpy(shared[1])
+            self.into = lambda info: dst
+            return self.torch.from_numpy(shared[0])
         g = self.torch.Generator().manual_seed(0)
         return self.torch.randn(nbytes // 4, generator=g).to(self.device)
 
@@ -121,10 +166,11 @@ class Transport:
         self.tp.send(dest, self.cm.TRAIN, 0, 0, x)
 
     def buffers(self, x):
-        return [x.data_ptr()] + [kept.data_ptr() for kept in self.tp._pool.values()]
+        landing = [self.into(None).data_ptr()] if self.into else [kept[0].data_ptr() for kept in self.tp._pool.values()]
+        return [x.data_ptr()] + landing
 
     def recv(self, source):
-        return self.tp.recv(source, self.cm.TRAIN, self.device, reuse=self.reuse)[1]
+        return self.tp.recv(source, self.cm.TRAIN, self.device, reuse=self.reuse, into=self.into)[1]
 
 
 def latency(comm, m, x, window):
@@ -182,7 +228,8 @@ def run(comm, methods, sizes, quick=False):
     ack = np.zeros(1, dtype=np.float32)
     out = {"latency": {}, "bandwidth": {}, "anon_huge_kib": {}}
     for nbytes in sizes:
-        payload = {m.name: m.make(nbytes) for m in methods}
+        shared = memory(nbytes)
+        payload = {m.name: m.make(nbytes, shared) for m in methods}
         for test in ("latency", "bandwidth"):
             window, samples, warmup = plan(test, nbytes, quick)
             comm.Barrier()
@@ -230,6 +277,11 @@ def ratios(summary: dict, sizes, a="transport") -> list[dict]:
             bw = {name: s[name][nbytes]["MBps_p50"] for name in s}
             row[f"{test}_a_over_b"] = bw[a] / bw["raw"]
             row[f"{test}_a_over_c"] = bw[a] / bw["pickle"]
+            if "transport_kept" in bw:
+                row[f"{test}_kept_over_b"] = bw["transport_kept"] / bw["raw"]
+            if "raw_two" in bw:
+                row[f"{test}_f_over_b"] = bw["raw_two"] / bw["raw"]
+                row[f"{test}_a_over_f"] = bw[a] / bw["raw_two"]
             if "raw_alloc" in bw:  # second pass: both receive into a fresh buffer per message
                 row[f"{test}_fresh_a_over_b_alloc"] = bw["transport_fresh"] / bw["raw_alloc"]
         rows.append(row)
@@ -243,8 +295,8 @@ def python_overhead(n: int = 5000) -> dict:
     import torch
 
     from collafuse_mpi import comm as cm
-    x = torch.randn(256)
-    h = cm.make_header(cm.TRAIN, 0, 0, x)
+    x, dst = torch.randn(256), torch.empty(256)
+    h = cm.make_header(cm.TRAIN, 0, 0, x)  # received by the stub below as the header bytes
     stats = cm.Stats()
     big = np.empty(4 * MiB, np.float32)
 
@@ -255,7 +307,7 @@ def python_overhead(n: int = 5000) -> dict:
 
     class _Msg:
         def Recv(self, buf):
-            buf[:] = h
+            buf[:] = h.tobytes()
 
     class _NoComm:
         """Stands in for the communicator: MPI costs nothing, only the transport's own work remains."""
@@ -276,6 +328,7 @@ def python_overhead(n: int = 5000) -> dict:
         "MPITransport.send, MPI stubbed out (1 KiB)": lambda: tp.send(1, cm.TRAIN, 0, 0, x),
         "MPITransport.recv, MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN),
         "MPITransport.recv(reuse=True), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, reuse=True),
+        "MPITransport.recv(into=...), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, into=lambda info: dst),
         "make_header": lambda: cm.make_header(cm.TRAIN, 0, 0, x),
         "parse_header": lambda: cm.parse_header(h),
         "MPITransport._buf (buffer from the data pointer)": lambda: tp._buf(x),
@@ -294,7 +347,6 @@ def set_pages(pages: str) -> None:
     """Give numpy's and torch's large buffers the same page backing. Both would otherwise ask for
     transparent huge pages, which the kernel grants or not per buffer, depending on free memory:
     a method whose buffers got them moves data up to 2x faster, whatever its protocol."""
-    import os
     assert "torch" not in sys.modules, "must run before torch allocates"
     huge = pages == "huge"
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if huge else "0"
@@ -350,7 +402,7 @@ def report(comm, raw, sizes, methods, quick, cuda_note, pages, name="transport")
                                                     for b, v in d.items()} for n, d in by.items()}
                                        for t, by in raw.items()},
     }
-    md = [f"# transport: MPITransport vs raw Send/Recv vs pickled send/recv\n",
+    md = ["# transport: MPITransport vs raw Send/Recv vs pickled send/recv\n",
           f"Command: `{record['command']}`\n", common.machine_md(record["machine"]), "",
           f"pickle protocol: {MPI.pickle.PROTOCOL}; CUDA: {cuda_note}\n",
           f"pages: `--pages {pages}`; huge pages (AnonHugePages KiB) under rank 0's buffers at "
@@ -364,11 +416,17 @@ def report(comm, raw, sizes, methods, quick, cuda_note, pages, name="transport")
             rows.append([human(b)] + ["/".join(f"{s[n][b][q] * 1e6:.1f}" for q in ("p50", "p90", "p99")) for n in names]
                         + [f"{s[n][b]['MBps_p50']:.0f}" for n in names])
         md += [f"## {test} (time per message)\n", common.table(header, rows), ""]
-    md += ["## ratios of P50 bandwidth: (a) transport over (b) raw and (c) pickle; pass 2: (a') over (b')\n",
+    nan = float("nan")
+    md += ["## ratios of P50 bandwidth: (a) transport over (b) raw and (c) pickle; (f) raw_two over (b), (a) over "
+           "(f); (e) transport_kept over (b); pass 2: (a') over (b')\n",
            common.table(["size", "bw test a/b", "bw test a/c", "ping-pong a/b", "ping-pong a/c",
-                         "bw test a'/b'", "ping-pong a'/b'"],
+                         "bw test f/b", "bw test a/f", "bw test e/b", "ping-pong e/b", "bw test a'/b'",
+                         "ping-pong a'/b'"],
                         [[human(r["bytes"]), f"{r['bandwidth_a_over_b']:.3f}", f"{r['bandwidth_a_over_c']:.2f}",
                           f"{r['latency_a_over_b']:.3f}", f"{r['latency_a_over_c']:.2f}",
+                          f"{r.get('bandwidth_f_over_b', nan):.3f}", f"{r.get('bandwidth_a_over_f', nan):.3f}",
+                          f"{r.get('bandwidth_kept_over_b', float('nan')):.3f}",
+                          f"{r.get('latency_kept_over_b', float('nan')):.3f}",
                           f"{r.get('bandwidth_fresh_a_over_b_alloc', float('nan')):.3f}",
                           f"{r.get('latency_fresh_a_over_b_alloc', float('nan')):.3f}"] for r in rat]), "",
            "## transport's per-message Python/torch work (us per call, no MPI)\n",
@@ -384,18 +442,27 @@ def explain(rat, over) -> str:
     lines = [f"{human(r['bytes'])}: (a)/(b) = {r['bandwidth_a_over_b']:.2f} streaming, "
              f"{r['latency_a_over_b']:.2f} ping-pong; (a)/(c) = {r['bandwidth_a_over_c']:.1f} streaming, "
              f"{r['latency_a_over_c']:.1f} ping-pong." for r in big]
+    kept = [f"{human(r['bytes'])} {r['bandwidth_kept_over_b']:.2f}" for r in big if "bandwidth_kept_over_b" in r]
+    floor = [f"{human(r['bytes'])} {r['bandwidth_f_over_b']:.2f} and {r['bandwidth_a_over_f']:.2f}"
+             for r in big if "bandwidth_f_over_b" in r]
     text = ("Large messages. " + " ".join(lines) + " The transport sends a 96-byte header and then the "
             "payload from the tensor's own memory; the receiver matches the header with a matched probe "
-            "and receives the payload into the buffer kept from the last message of that kind and peer. "
-            "What it adds over (b) is fixed per message: the header message, and Python work of some "
-            "microseconds (below), so the ratio rises with size. Run-to-run noise on this machine is "
-            "large (2 vCPUs shared with other tenants, loadavg in the header): repeated runs are recorded "
-            "side by side in transport-runs.md.\n\n")
+            "and receives the payload into the memory the caller gives (into=), here the same memory (b) "
+            "receives into. What it adds over (b) is fixed per message: the header message, and Python "
+            "work of a few microseconds (below), both on the serial path of every message (the receiver "
+            "must read the header before it can post the payload's receive), so the ratio rises with "
+            "size. Split, as (f)/(b) (the protocol in bare mpi4py) and (a)/(f) (the transport's Python "
+            "work): " + ("; ".join(floor) or "-") + ". (e), the same transport "
+            "landing in its own kept buffer and sending its own tensor, streams at "
+            + (", ".join(kept) or "-") + " of (b): at these sizes which memory a copy touches (cache, "
+            "page placement) moves the time as much as the protocol does. Run-to-run noise on this "
+            "machine is large (2 vCPUs shared with other tenants, loadavg in the header): repeated runs "
+            "are recorded side by side in transport-runs.md.\n\n")
     small = rat[0]
-    per_side = sum(v for k, v in over.items() if k.startswith("MPITransport.") and "reuse" not in k)
+    per_side = sum(v for k, v in over.items() if k.startswith(("MPITransport.send", "MPITransport.recv(into")))
     text += (f"Small messages. At 1 KiB (a) is {small['latency_a_over_b']:.2f}x of raw in ping-pong and "
              f"{small['bandwidth_a_over_b']:.2f}x streaming: raw Send/Recv of 1 KiB costs 1-3 us, the "
-             f"transport's own Python/torch work about {per_side:.0f} us per message (send + recv with MPI "
+             f"transport's own Python/torch work about {per_side:.1f} us per message (send + recv with MPI "
              "stubbed out, below), plus the header message. For the training payload (32 x 513 float32 = 66 KB) "
              "that is tens of microseconds per step against steps of tens to hundreds of milliseconds.\n\n")
     ac = min(r["bandwidth_a_over_c"] for r in big)
@@ -417,7 +484,6 @@ def explain(rat, over) -> str:
 def summarise_runs(names: list[str]) -> None:
     """bench/results/transport-runs.md: the ratios of several recorded runs side by side."""
     import json
-    import os
     runs = []
     for name in names:
         with open(os.path.join(common.RESULTS, name + ".json")) as fh:
@@ -473,8 +539,8 @@ def main(argv=None):
     import torch
     torch.set_num_threads(1)
     sizes = [s for s in SIZES if s <= args.max_bytes]
-    methods = [Transport(comm), Raw(comm), Pickle(comm)]
-    diagnostics = [] if args.no_diagnostics else [RawAlloc(comm), Transport(comm, reuse=False)]
+    methods = [Transport(comm), Raw(comm), Pickle(comm), RawTwo(comm), Transport(comm, shared=False)]
+    diagnostics = [] if args.no_diagnostics else [RawAlloc(comm), Transport(comm, reuse=False, shared=False)]
     cuda_note = "skipped: torch.cuda.is_available() is False on this machine"
     if torch.cuda.is_available():
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)

@@ -3,8 +3,9 @@
 Every message is a fixed-size int64 header followed, when the tensor is not empty, by one
 contiguous payload as raw bytes (no pickling on the hot path), on the kind's second tag; MPI keeps
 per-tag order. The receiver matches the header with a matched probe, so no other receive can take
-it, and lands the payload in a fresh or a kept buffer. CUDA tensors go to MPI directly when the
-library is CUDA-aware, else through pinned host buffers.
+it, and lands the payload in a fresh buffer, a kept one, or memory the caller names from the header
+(`into`: the server's fused batch). CUDA tensors go to MPI directly when the library is CUDA-aware,
+else through pinned host buffers.
 
 Why not one message, header and payload gathered by a derived datatype: it measured as fast as a
 plain Send in isolation, but MPI cannot move a non-contiguous message by single copy, so a large
@@ -16,8 +17,10 @@ stalls the server's receive for most of a step (bench/results/overlap.md).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import queue
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -33,22 +36,46 @@ MAX_DIMS = 6
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
 
 
-def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> np.ndarray:
-    ndim = tensor.dim()
+_HEADER = struct.Struct(f"<{HEADER_LEN}q")
+_DTYPE_INDEX = {d: i for i, d in enumerate(DTYPES)}
+
+
+def header_bytes(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> bytes:
+    """The header as the 96 bytes that go on the wire (struct, not numpy: this runs per message)."""
+    shape = tuple(tensor.shape)
+    ndim = len(shape)
     if ndim > MAX_DIMS:
         raise ValueError(f"tensors of more than {MAX_DIMS} dims cannot be sent")
-    return np.array([kind, client, step, DTYPES.index(tensor.dtype), ndim, *tensor.shape,
-                     *(0,) * (MAX_DIMS - ndim), meta], dtype=np.int64)
+    dtype = _DTYPE_INDEX.get(tensor.dtype)
+    if dtype is None:
+        raise ValueError(f"tensors of dtype {tensor.dtype} cannot be sent (known: {DTYPES})")
+    return _HEADER.pack(kind, client, step, dtype, ndim, *shape, *(0,) * (MAX_DIMS - ndim), meta)
 
 
-def parse_header(h: np.ndarray) -> dict:
-    v = h.tolist()
+def make_header(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> np.ndarray:
+    return np.frombuffer(header_bytes(kind, client, step, tensor, meta), dtype=np.int64)
+
+
+def parse_header(h) -> dict:
+    v = _HEADER.unpack_from(h)
     return {"kind": v[0], "client": v[1], "step": v[2], "dtype": DTYPES[v[3]],
-            "shape": tuple(v[5:5 + v[4]]), "meta": v[11]}
+            "shape": v[5:5 + v[4]], "meta": v[11]}
 
 
 def _tags(kind: int) -> tuple[int, int]:
+    """(header tag, payload tag) of a kind."""
     return 2 * kind, 2 * kind + 1
+
+
+_CPU = torch.device("cpu")
+
+
+def landing_mismatch(target: torch.Tensor, dtype: torch.dtype, shape: tuple) -> str:
+    """Why `target` cannot take a payload of this dtype and shape ('' when it can)."""
+    if target.dtype != dtype or target.numel() != math.prod(shape) or not target.is_contiguous():
+        return (f"of {dtype} {tuple(shape)} does not fit the memory given for it "
+                f"({target.dtype} {tuple(target.shape)}, contiguous={target.is_contiguous()})")
+    return ""
 
 
 class Stats:
@@ -190,9 +217,9 @@ class MPITransport:
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
-        self._pool = {}  # (source, kind, direct) -> kept receive tensor, for recv(reuse=True)
+        self._pool = {}  # (source, kind, direct) -> (tensor, shape, MPI buffer, bytes) kept for reuse
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
-        self._header = np.empty(HEADER_LEN, dtype=np.int64)
+        self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
         local.Free()
@@ -217,19 +244,16 @@ class MPITransport:
         """The tensor's bytes as an MPI buffer, without a copy."""
         if tensor.is_cuda:
             return tensor.reshape(-1).view(torch.uint8)  # mpi4py reads __cuda_array_interface__
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0:
-            return np.empty(0, dtype=np.uint8)
-        return [self.MPI.buffer.fromaddress(tensor.data_ptr(), nbytes), self.MPI.BYTE]
+        return self.MPI.buffer.fromaddress(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
     def isend(self, dest: int, kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> Handle:
         wire = self._wire(tensor)
+        header = header_bytes(kind, client, step, wire, meta)
         nbytes = wire.numel() * wire.element_size()
         htag, ptag = _tags(kind)
-        header = make_header(kind, client, step, wire, meta)
-        reqs = [self.comm.Isend(header, dest=dest, tag=htag)]
+        reqs = [self.comm.Isend(header, dest, htag)]
         if nbytes:
-            reqs.append(self.comm.Isend(self._buf(wire), dest=dest, tag=ptag))
+            reqs.append(self.comm.Isend(self._buf(wire), dest, ptag))
         self.stats.add("sent", kind, dest, nbytes)
         return Handle(reqs, (header, wire), self.interrupt, nbytes)
 
@@ -259,40 +283,67 @@ class MPITransport:
              f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)",
              f"rank {source}")
 
-    def _landing(self, key, info, device: torch.device, pinned: bool, reuse: bool) -> torch.Tensor:
-        """Where a payload lands: a fresh tensor, or with `reuse` the tensor kept for this
-        (source, kind) while dtype and shape stay the same (they do, step after step). Reuse saves
-        the allocation and, for large host buffers, the page faults of fresh memory."""
-        dtype, shape = info["dtype"], info["shape"]
+    def _landing(self, slot, dtype, shape, device: torch.device, pinned: bool, reuse: bool):
+        """(tensor, MPI buffer, bytes) where a payload lands: fresh, or with `reuse` the one kept for
+        this (source, kind, path) while dtype and shape stay the same (they do, step after step).
+        Reuse saves the allocation, the page faults of fresh memory and, per message, the buffer
+        object and size that MPI needs."""
         if reuse:
-            kept = self._pool.get(key)
-            if kept is not None and kept.dtype == dtype and tuple(kept.shape) == shape:
-                if kept.is_cuda:  # kernels queued on the last payload must finish before MPI overwrites it
-                    torch.cuda.current_stream(kept.device).synchronize()
-                return kept
+            kept = self._pool.get(slot)
+            if kept is not None and kept[0].dtype == dtype and kept[1] == shape:
+                if kept[0].is_cuda:  # kernels queued on the last payload must finish before MPI overwrites it
+                    torch.cuda.current_stream(kept[0].device).synchronize()
+                return kept[0], kept[2], kept[3]
         out = torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+        nbytes = out.numel() * out.element_size()
+        buf = self._buf(out) if nbytes else None
         if reuse:
-            self._pool[key] = out
-        return out
+            self._pool[slot] = (out, shape, buf, nbytes)
+        return out, buf, nbytes
 
-    def recv(self, source: int, kind: int, device: torch.device = torch.device("cpu"), reuse: bool = False):
+    def recv(self, source: int, kind: int, device: torch.device = _CPU, reuse: bool = False, into=None):
         """(header info, payload). With `reuse` the payload lives in a buffer that the next
-        recv of the same kind from the same source overwrites: the caller must be done with it."""
-        self.probe(source, kind)  # returns at once when the header is already matched
-        msg = self._matched.pop((source, kind))
+        recv of the same kind from the same source overwrites: the caller must be done with it.
+        `into(info)` gives the caller's own memory for the payload whose header is `info` (a
+        contiguous tensor of its dtype and element count, e.g. rows of a fused batch): MPI writes
+        there directly, and the payload comes back as that memory in the header's shape."""
+        htag, ptag = _tags(kind)
+        msg = self._matched.pop((source, kind), None)
+        if msg is None:
+            msg = self.comm.Improbe(source, htag)  # arrived already: no polling loop
+            if msg is None:
+                self.probe(source, kind)
+                msg = self._matched.pop((source, kind))
         msg.Recv(self._header)
         info = parse_header(self._header)
-        direct = device.type != "cuda" or self.cuda_aware
-        out = self._landing((source, kind, direct), info, device if direct else torch.device("cpu"),
-                            device.type == "cuda" and not direct, reuse)
-        nbytes = out.numel() * out.element_size()
+        dtype, shape = info["dtype"], info["shape"]
+        target, bad = None, ""
+        if into is not None:
+            target = into(info)
+            bad = landing_mismatch(target, dtype, shape)
+            cuda = target.is_cuda
+            device = target.device if cuda else _CPU
+        else:
+            cuda = device.type == "cuda"
+        direct = not cuda or self.cuda_aware
+        if target is not None and direct and not bad:
+            if cuda:  # kernels still reading the caller's memory must finish first
+                torch.cuda.current_stream(target.device).synchronize()
+            out = target if tuple(target.shape) == shape else target.view(shape)
+            nbytes = target.numel() * target.element_size()
+            buf = self._buf(target) if nbytes else None
+        else:  # a bad target still takes the payload off the wire, so the stream stays in step
+            out, buf, nbytes = self._landing((source, kind, direct), dtype, shape, device if direct else _CPU,
+                                             not direct, reuse or target is not None)
         if nbytes:
-            self.comm.Recv(self._buf(out), source=source, tag=_tags(kind)[1])
+            self.comm.Recv(buf, source, ptag)
         self.stats.add("recv", kind, source, nbytes)
+        if bad:
+            raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
         if self.record_dir:
             record(self.record_dir, self.rank, source, info, out)
         if not direct:
-            out = out.to(device, non_blocking=False)
+            out = target.view(shape).copy_(out) if target is not None else out.to(device, non_blocking=False)
         return info, out
 
     def barrier(self):
@@ -395,11 +446,18 @@ class LoopbackTransport:
                 raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
                                    f"{source} within {self.timeout:g} s") from None
 
-    def recv(self, source, kind, device=torch.device("cpu"), reuse=False):
+    def recv(self, source, kind, device=_CPU, reuse=False, into=None):
         self.probe(source, kind)
         header, payload = self._peeked.pop((source, kind))
         self.stats.add("recv", kind, source, payload.numel() * payload.element_size())
-        return parse_header(header), payload.to(device)
+        info = parse_header(header)
+        if into is None:
+            return info, payload.to(device)
+        target = into(info)
+        bad = landing_mismatch(target, info["dtype"], info["shape"])
+        if bad:
+            raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
+        return info, target.view(info["shape"]).copy_(payload)
 
     def barrier(self):
         self._barrier.wait()

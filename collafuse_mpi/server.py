@@ -22,6 +22,7 @@ class Server:
         self.image_shape = (c, s, s)
         self.learner = None
         self.start_step = 0
+        self._fused = None  # the fused batch buffer (rows = images of all senders)
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
@@ -36,20 +37,35 @@ class Server:
             self.learner.load_state_dict(state["learner"])
         self.start_step = step
 
+    def _rows(self, start: int, info: dict) -> torch.Tensor:
+        """Rows start.. of the fused batch buffer, where one client's payload lands. The buffer is
+        kept from step to step (shapes repeat) and grows, keeping the rows before `start`, when a
+        step brings more rows."""
+        n, width = info["shape"]
+        buf = self._fused
+        if buf is None or buf.shape[0] < start + n or buf.shape[1] != width or buf.dtype != info["dtype"]:
+            grown = torch.empty((start + n, width), dtype=info["dtype"], device=self.device)
+            if start:
+                grown[:start] = buf[:start]
+            self._fused = buf = grown
+        return buf[start:start + n]
+
     def receive_step(self):
-        """One batch from each sending client, fused in client order (deterministic)."""
-        xs, ts, ks, es = [], [], [], []
+        """One batch from each sending client, received by MPI straight into its rows of one
+        fused batch, in client order (deterministic)."""
+        counts, ks = [], []
         for i in self.senders:
             with self.timer.phase("wait"):
                 self.tp.probe(i + 1, comm.TRAIN)
             with self.timer.phase("recv"):
-                info, payload = self.tp.recv(i + 1, comm.TRAIN, self.device, reuse=True)
-            x_t, eps_s, t = unpack_train(payload, self.image_shape)  # views; torch.cat below copies
-            xs.append(x_t)
-            es.append(eps_s)
-            ts.append(t)
-            ks.append(torch.full_like(t, info["meta"]))
-        return torch.cat(xs), torch.cat(ts), torch.cat(ks), torch.cat(es)
+                start = sum(counts)
+                info, _ = self.tp.recv(i + 1, comm.TRAIN, self.device, into=lambda info: self._rows(start, info))
+            counts.append(info["shape"][0])
+            ks.append(info["meta"])
+        fused = self._fused[:sum(counts)]
+        x_t, eps_s, t = unpack_train(fused, self.image_shape)  # views of the fused rows
+        k = torch.repeat_interleave(torch.tensor(ks), torch.tensor(counts)).to(self.device)
+        return x_t, t, k, eps_s
 
     def train(self, on_step=None):
         if not self.senders:

@@ -90,12 +90,50 @@ else:
     assert info["step"] == 4 and torch.equal(got, big)
 
 # 4. counted bytes: payload plus one header per message
-if rank == 1:
+if rank == 1:  # (before part 5, which adds train batches)
     sent_to_me = sum(nbytes(t) for t in tensors) * 2 + 4096 * 4 * 2 + 8 * 512 * 4
     got = tp.stats.bytes[("recv", "train_batch", 0)] + tp.stats.bytes[("recv", "cut_tensor", 0)]
     assert got == sent_to_me + cm.HEADER_BYTES * (2 * len(tensors) + 3), (got, sent_to_me)
 
-# 5. a peer that never sends is named after the timeout, not waited on forever
+# 5. into: the payload lands in the caller's memory (rows of a bigger buffer) in the header's
+#    shape; memory that does not fit is refused after the payload is taken off the wire, so the
+#    next message still arrives whole
+rows = torch.arange(6 * 5, dtype=torch.float32).view(6, 5)
+if rank == 0:
+    tp.send(1, cm.TRAIN, 0, 20, rows[:2].clone())
+    tp.send(1, cm.TRAIN, 1, 21, rows[2:].clone())
+    tp.send(1, cm.TRAIN, 2, 22, rows[:3].clone())  # 3 rows offered 2
+    tp.send(1, cm.TRAIN, 3, 23, rows)
+    tp.send(1, cm.TRAIN, 5, 25, torch.zeros(0, 5))  # an empty payload into empty memory
+else:
+    fused = torch.zeros(6, 5)
+    _, a = tp.recv(0, cm.TRAIN, into=lambda info: fused[:info["shape"][0]])
+    _, b = tp.recv(0, cm.TRAIN, into=lambda info: fused[2:2 + info["shape"][0]])
+    assert a.data_ptr() == fused.data_ptr() and b.data_ptr() == fused[2].data_ptr()
+    assert torch.equal(fused, rows), fused
+    try:
+        tp.recv(0, cm.TRAIN, into=lambda info: torch.zeros(2, 5))
+    except ValueError as e:
+        assert "does not fit" in str(e) and "rank 0" in str(e), e
+    else:
+        raise AssertionError("a payload larger than the memory given for it was accepted")
+    try:
+        tp.recv(0, cm.TRAIN, into=lambda info: torch.zeros(6, 5, dtype=torch.float64))
+    except ValueError as e:
+        assert "does not fit" in str(e), e
+    else:
+        raise AssertionError("a payload of another dtype was accepted")
+    info, none = tp.recv(0, cm.TRAIN, into=lambda info: fused[:0])
+    assert info["step"] == 25 and tuple(none.shape) == (0, 5), none.shape
+    tp.send(0, cm.STOP, 0, 0, torch.zeros(0))
+if rank == 0:  # the refused messages left nothing behind: the next one on the same tag is intact
+    tp.recv(1, cm.STOP)
+    tp.send(1, cm.TRAIN, 4, 24, rows * 2)
+else:
+    info, got = tp.recv(0, cm.TRAIN)
+    assert info["step"] == 24 and torch.equal(got, rows * 2), info
+
+# 6. a peer that never sends is named after the timeout, not waited on forever
 world.Barrier()
 if rank == 1:
     try:

@@ -32,6 +32,30 @@ def test_stats_count_a_header_per_message():
     assert s.rows() == [("sent", "train_batch", 0, 1000 + 2 * cm.HEADER_BYTES, 2)]
 
 
+def test_header_refuses_a_dtype_it_cannot_name():
+    with pytest.raises(ValueError, match="complex64 cannot be sent"):
+        cm.make_header(cm.TRAIN, 0, 0, torch.zeros(2, dtype=torch.complex64))
+
+
+def test_landing_mismatch_names_what_does_not_fit():
+    assert cm.landing_mismatch(torch.zeros(2, 3), torch.float32, (3, 2)) == ""  # same count, reshaped
+    assert "does not fit" in cm.landing_mismatch(torch.zeros(2, 3), torch.float32, (2, 4))
+    assert "does not fit" in cm.landing_mismatch(torch.zeros(2, 3), torch.float64, (2, 3))
+    assert "contiguous=False" in cm.landing_mismatch(torch.zeros(3, 4)[:, :2], torch.float32, (3, 2))
+
+
+def test_loopback_recv_into_lands_in_the_given_memory():
+    server, client = cm.LoopbackTransport.group(2)
+    x = torch.arange(12.0).view(3, 4)
+    client.isend(0, cm.TRAIN, 0, 0, x)
+    client.isend(0, cm.TRAIN, 0, 1, x)
+    buf = torch.zeros(5, 4)
+    info, got = server.recv(1, cm.TRAIN, into=lambda info: buf[1:1 + info["shape"][0]])
+    assert got.data_ptr() == buf[1].data_ptr() and torch.equal(buf[1:4], x) and info["step"] == 0
+    with pytest.raises(ValueError, match="does not fit"):
+        server.recv(1, cm.TRAIN, into=lambda info: buf[:2])
+
+
 def test_poll_times_out_with_the_given_message():
     with pytest.raises(TimeoutError, match="peer 9 is silent"):
         cm.poll(lambda: False, timeout=0.05, on_timeout="peer 9 is silent")
