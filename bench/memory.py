@@ -2,6 +2,7 @@
 
     python bench/memory.py                        # ~5 min; writes bench/results/memory.{json,md}
     python bench/memory.py --long-steps 20 --wide-steps 3    # smoke test
+    python bench/memory.py --long-steps 20000 --control-steps 5000 --name memory-long   # ~40 min
 
 Each configuration is the real command line, run through this file's wrapper mode:
     mpirun -n N [--oversubscribe] python bench/memory.py --wrap OUT.json -- --cut 0.4 --steps S -o F ...
@@ -174,10 +175,11 @@ def verdict(long: dict, ctl: dict | None) -> str:
                  "and the glibc heap) rather than in the transport, the harness's records or MPI" if c >= 0.5 * worst else
                  "less than the clients: part of their drift comes from the MPI/transport path")
         text += f"The no-MPI control drifts {c:+.2f} MiB per 100 steps, {where}. "
-    text += ("Per-step samples scatter by a few MiB (allocator behaviour), so a slope of about 1 MiB per "
-             "100 steps is at the edge of what this run length resolves; it does not show whether the "
-             "drift levels off. Run `python bench/memory.py --long-steps 20000` (about 40 min) to "
-             "settle it before trusting 100k-step runs.")
+    if long["steps"] < 10000:
+        text += ("Per-step samples scatter by a few MiB (allocator behaviour), so a slope of about 1 MiB "
+                 "per 100 steps is at the edge of what this run length resolves; it does not show whether "
+                 "the drift levels off. Run `python bench/memory.py --long-steps 20000 --control-steps 5000 "
+                 "--name memory-long` (about 40 min) to settle it before trusting 100k-step runs.")
     return text
 
 
@@ -195,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--wide-steps", type=int, default=20)
     ap.add_argument("--wide-ranks", type=int, default=9)
     ap.add_argument("--control-steps", type=int, default=1000, help="no-MPI control loop (0 = skip)")
+    ap.add_argument("--name", default="memory", help="results file name in bench/results (default memory)")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="cf-memory-")
     try:
@@ -249,7 +252,7 @@ def main(argv=None):
           "ru_maxrss and VmHWM are the whole process's peak (imports, data, training, sampling, "
           "metrics); most of it is the Python + torch + MPI runtime, shared libraries counted in full "
           "in every rank. The per-step RSS is the last 0.2 s sample before that step started."]
-    common.publish("memory", record, md)
+    common.publish(args.name, record, md)
 
 
 if __name__ == "__main__":
