@@ -3,6 +3,7 @@
     python bench/overlap.py                      # ~4 min quiet, more under load; writes bench/results/overlap.{json,md}
     python bench/overlap.py --steps 12,8         # smoke test
     python bench/overlap.py --from a.h5 b.h5     # analyse existing results files, run nothing
+                                                 # (writes bench/results/overlap-from.*)
 
 Runs, one after the other, the real command line
     mpirun -n 3 --oversubscribe python -m collafuse_mpi.run --cut 0.4 --steps S -o F --overwrite -q
@@ -128,6 +129,9 @@ def main(argv=None):
     ap.add_argument("--cut", type=float, default=0.4)
     ap.add_argument("--keep", default="", help="folder to keep the results files in (default: deleted)")
     ap.add_argument("--from", dest="files", nargs="+", default=None, help="analyse these results files only")
+    ap.add_argument("--name", default=None,
+                    help="results file name in bench/results (default overlap; overlap-from with --from, "
+                         "so that analysing other files never overwrites the record)")
     args = ap.parse_args(argv)
     commands, walls, files = [], [], []
     tmp = None
@@ -177,7 +181,7 @@ def main(argv=None):
     for k, ok in target.items():
         md.append(f"- target {k}: **{'PASS' if ok else 'FAIL'}**")
     md += ["", "## explanation\n", record["explanation"]]
-    common.publish("overlap", record, md)
+    common.publish(args.name or ("overlap-from" if args.files else "overlap"), record, md)
 
 
 if __name__ == "__main__":
