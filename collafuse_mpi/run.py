@@ -222,7 +222,7 @@ class Progress:
 
 def run_loopback(cfg, n_clients: int) -> list[dict]:
     """All roles as threads of this process over LoopbackTransport; returns each rank's dict."""
-    from .comm import LoopbackTransport
+    from .loopback import LoopbackTransport
     tps = LoopbackTransport.group(n_clients + 1)
     out, errors = [None] * len(tps), []
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from collafuse_mpi import comm as cm
+from collafuse_mpi.loopback import LoopbackTransport
 from conftest import mpi_env, mpirun_prefix
 
 
@@ -45,7 +46,7 @@ def test_landing_mismatch_names_what_does_not_fit():
 
 
 def test_loopback_recv_into_lands_in_the_given_memory():
-    server, client = cm.LoopbackTransport.group(2)
+    server, client = LoopbackTransport.group(2)
     x = torch.arange(12.0).view(3, 4)
     client.isend(0, cm.TRAIN, 0, 0, x)
     client.isend(0, cm.TRAIN, 0, 1, x)

@@ -36,7 +36,7 @@ def _gather_copies(self, obj, root=0):
 
 def _run_loopback(path):
     from collafuse_mpi import config, run
-    from collafuse_mpi.comm import LoopbackTransport
+    from collafuse_mpi.loopback import LoopbackTransport
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LoopbackTransport, "gather_obj", _gather_copies)
         _run_loopback_runs(path, config, run)

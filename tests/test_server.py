@@ -4,6 +4,7 @@ import torch
 
 from collafuse_mpi import comm
 from collafuse_mpi.harness import PhaseTimer
+from collafuse_mpi.loopback import LoopbackTransport
 from collafuse_mpi.server import Server
 from collafuse_mpi.training import pack_train
 from conftest import tiny_config
@@ -18,7 +19,7 @@ def _batch(n, shape, seed, t0):
 def test_receive_step_fuses_client_batches_in_order_and_regrows(tmp_path):
     cfg = tiny_config(tmp_path / "r.h5")
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    tps = comm.LoopbackTransport.group(4)
+    tps = LoopbackTransport.group(4)
     ks = [4, 10, 6]  # the middle client owns the whole chain (k = T) and sends nothing
     server = Server(cfg, tps[0], ks, torch.device("cpu"), PhaseTimer())
     assert server.senders == [0, 2]

@@ -1,0 +1,119 @@
+"""The transport's protocol between threads of one process: one transport object per role, so
+roles run (and are tested) without MPI. Same headers, stats and landing rules as comm.py."""
+from __future__ import annotations
+
+import queue
+import threading
+
+from .comm import _CPU, KIND_NAMES, Stats, landing_mismatch, make_header, parse_header
+
+
+class _Mailboxes:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.boxes = {}
+        self.slots = {}
+
+    def box(self, src, dst, kind) -> queue.Queue:
+        with self.lock:
+            return self.boxes.setdefault((src, dst, kind), queue.Queue())
+
+
+class _Done:
+    def wait(self):
+        pass
+
+    def test(self):
+        return True
+
+
+class LoopbackTransport:
+    """The same protocol between threads of one process: one transport object per role.
+
+    Payloads are cloned on send, so no role ever shares memory with another.
+    """
+
+    cuda_aware = False
+    cuda_aware_detected = False
+
+    def __init__(self, rank: int, size: int, mailboxes: _Mailboxes, barrier: threading.Barrier):
+        self.rank, self.size, self._mail, self._barrier = rank, size, mailboxes, barrier
+        self.local_rank = rank
+        self.stats = Stats()
+        self.timeout = 600.0
+        self._peeked = {}
+
+    @staticmethod
+    def group(size: int) -> list["LoopbackTransport"]:
+        mail, barrier = _Mailboxes(), threading.Barrier(size)
+        return [LoopbackTransport(r, size, mail, barrier) for r in range(size)]
+
+    def path(self, device) -> str:
+        return "loopback"
+
+    def isend(self, dest, kind, client, step, tensor, meta=0):
+        header = make_header(kind, client, step, tensor, meta)
+        payload = tensor.detach().contiguous().clone()
+        self._mail.box(self.rank, dest, kind).put((header, payload))
+        self.stats.add("sent", kind, dest, payload.numel() * payload.element_size())
+        return _Done()
+
+    def send(self, dest, kind, client, step, tensor, meta=0):
+        self.isend(dest, kind, client, step, tensor, meta)
+
+    def probe(self, source, kind):
+        key = (source, kind)
+        if key not in self._peeked:
+            try:
+                self._peeked[key] = self._mail.box(source, self.rank, kind).get(timeout=self.timeout)
+            except queue.Empty:
+                raise TimeoutError(f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank "
+                                   f"{source} within {self.timeout:g} s") from None
+
+    def recv(self, source, kind, device=_CPU, reuse=False, into=None):
+        self.probe(source, kind)
+        header, payload = self._peeked.pop((source, kind))
+        self.stats.add("recv", kind, source, payload.numel() * payload.element_size())
+        info = parse_header(header)
+        if into is None:
+            return info, payload.to(device)
+        target = into(info)
+        bad = landing_mismatch(target, info["dtype"], info["shape"])
+        if bad:
+            raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
+        return info, target.view(info["shape"]).copy_(payload)
+
+    def barrier(self):
+        self._barrier.wait()
+
+    def gather_obj(self, obj, root=0):
+        self._mail.slots[self.rank] = obj
+        self.barrier()
+        out = [self._mail.slots[r] for r in range(self.size)] if self.rank == root else None
+        self.barrier()
+        return out
+
+    def bcast_obj(self, obj, root=0):
+        if self.rank == root:
+            self._mail.slots["bcast"] = obj
+        self.barrier()
+        out = self._mail.slots["bcast"]
+        self.barrier()
+        return out
+
+    def allreduce_max(self, value: float) -> float:
+        self._mail.slots[("max", self.rank)] = value
+        self.barrier()
+        out = max(self._mail.slots[("max", r)] for r in range(self.size))
+        self.barrier()
+        return out
+
+    def clock_offset(self, rounds: int = 8) -> float:
+        return 0.0
+
+    def library(self) -> str:
+        return "loopback (threads in one process)"
+
+    def abort(self, code: int = 1):
+        self._barrier.abort()
+        raise SystemExit(code)
