@@ -15,7 +15,7 @@ Pass 1, side by side (the order rotates from sample to sample):
                  as the transport does. (f)/(b) is what the protocol costs; (a)/(f) is what the
                  transport's Python work costs.
   (e) transport_kept  the transport with reuse=True: its own kept receive buffer and its own
-                 source tensor. Other memory than (b)'s moved even raw Send/Recv by ~10% here
+                 source tensor. Other memory than (b)'s moved the same protocol by 10-40% here
                  (cache and page placement), which is why (a) shares (b)'s.
   With CUDA (torch.cuda.is_available()) also (d) transport of CUDA tensors, on the path the
   transport picks (cuda-aware when the MPI library says so, else host-staged through pinned memory).
@@ -425,10 +425,9 @@ def report(comm, raw, sizes, methods, quick, cuda_note, pages, name="transport")
                         [[human(r["bytes"]), f"{r['bandwidth_a_over_b']:.3f}", f"{r['bandwidth_a_over_c']:.2f}",
                           f"{r['latency_a_over_b']:.3f}", f"{r['latency_a_over_c']:.2f}",
                           f"{r.get('bandwidth_f_over_b', nan):.3f}", f"{r.get('bandwidth_a_over_f', nan):.3f}",
-                          f"{r.get('bandwidth_kept_over_b', float('nan')):.3f}",
-                          f"{r.get('latency_kept_over_b', float('nan')):.3f}",
-                          f"{r.get('bandwidth_fresh_a_over_b_alloc', float('nan')):.3f}",
-                          f"{r.get('latency_fresh_a_over_b_alloc', float('nan')):.3f}"] for r in rat]), "",
+                          f"{r.get('bandwidth_kept_over_b', nan):.3f}", f"{r.get('latency_kept_over_b', nan):.3f}",
+                          f"{r.get('bandwidth_fresh_a_over_b_alloc', nan):.3f}",
+                          f"{r.get('latency_fresh_a_over_b_alloc', nan):.3f}"] for r in rat]), "",
            "## transport's per-message Python/torch work (us per call, no MPI)\n",
            common.table(["call", "us"], [[k, f"{v:.2f}"] for k, v in over.items()]), "",
            "## targets (sizes >= 1 MiB)\n"]
