@@ -331,7 +331,7 @@ def python_overhead(n: int = 5000) -> dict:
         "MPITransport.recv(into=...), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, into=lambda info: dst),
         "make_header": lambda: cm.make_header(cm.TRAIN, 0, 0, x),
         "parse_header": lambda: cm.parse_header(h),
-        "MPITransport._buf (buffer from the data pointer)": lambda: tp._buf(x),
+        "MPITransport._buf (buffer from the data pointer)": lambda: tp._buf(x, 1024),
         "torch.empty (1 KiB)": lambda: torch.empty((256,), dtype=torch.float32, device=torch.device("cpu"),
                                                    pin_memory=False),
         "Stats.add": lambda: stats.add("sent", cm.TRAIN, 1, 1024),

@@ -23,6 +23,8 @@ class Server:
         self.learner = None
         self.start_step = 0
         self._fused = None  # the fused batch buffer (rows = images of all senders)
+        self._fused_layout = (0, 0, None)  # its rows, width and dtype, kept as plain values
+        self._views = {}  # (start, rows) -> view of the fused buffer
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
@@ -40,15 +42,19 @@ class Server:
     def _rows(self, start: int, info: dict) -> torch.Tensor:
         """Rows start.. of the fused batch buffer, where one client's payload lands. The buffer is
         kept from step to step (shapes repeat) and grows, keeping the rows before `start`, when a
-        step brings more rows."""
+        step brings more rows. The same rows come back as the same view object, so the transport
+        can tell it is the memory it checked last step."""
         n, width = info["shape"]
-        buf = self._fused
-        if buf is None or buf.shape[0] < start + n or buf.shape[1] != width or buf.dtype != info["dtype"]:
+        rows, have_width, dtype = self._fused_layout
+        if rows < start + n or have_width != width or dtype != info["dtype"]:
             grown = torch.empty((start + n, width), dtype=info["dtype"], device=self.device)
             if start:
-                grown[:start] = buf[:start]
-            self._fused = buf = grown
-        return buf[start:start + n]
+                grown[:start] = self._fused[:start]
+            self._fused, self._fused_layout, self._views = grown, (start + n, width, info["dtype"]), {}
+        view = self._views.get((start, n))
+        if view is None:
+            view = self._views[(start, n)] = self._fused[start:start + n]
+        return view
 
     def receive_step(self):
         """One batch from each sending client, received by MPI straight into its rows of one

@@ -59,7 +59,7 @@ def test_loopback_recv_into_lands_in_the_given_memory():
 
 def test_poll_times_out_with_the_given_message():
     with pytest.raises(TimeoutError, match="peer 9 is silent"):
-        cm.poll(lambda: False, timeout=0.05, on_timeout="peer 9 is silent")
+        cm.poll(lambda: False, timeout=0.05, on_timeout=lambda: "peer 9 is silent")
 
 
 def test_two_ranks_exchange_exact_tensors():
