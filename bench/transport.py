@@ -4,7 +4,7 @@
     mpirun -n 2 python bench/transport.py --quick          # fewer samples, for a smoke test
     for i in 1 2 3; do mpirun -n 2 --bind-to core python bench/transport.py --name transport-run$i; done
 
-Pass 1, side by side (the order rotates from sample to sample):
+Pass 1, side by side (each sample runs the methods in a new random order):
   (a) transport  collafuse_mpi.comm.MPITransport.send/recv of a CPU float32 tensor, received with
                  into= (the caller's memory), as the server receives training batches into its
                  fused batch. It sends from and receives into the same memory as (b).
@@ -12,7 +12,7 @@ Pass 1, side by side (the order rotates from sample to sample):
   (c) pickle     mpi4py Comm.send/recv of the same numpy array (pickled with MPI.pickle.PROTOCOL).
   (f) raw_two    the transport's protocol in bare mpi4py: a 96-byte header message matched by
                  Improbe, then the payload as its own message, in (b)'s memory, both sides polling
-                 as the transport does. (f)/(b) is what the protocol costs; (a)/(f) is what the
+                 as the transport does (back to back, then yielding the core). (f)/(b) is what the protocol costs; (a)/(f) is what the
                  transport's Python work costs.
   (e) transport_kept  the transport with reuse=True: its own kept receive buffer and its own
                  source tensor. Other memory than (b)'s moved the same protocol by 10-40% here
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 
@@ -50,6 +51,7 @@ import common  # also puts the repository on sys.path
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [KiB * 4 ** i for i in range(8)]  # 1 KiB .. 16 MiB
 TAG_RAW, TAG_PICKLE, TAG_ACK, TAG_TWO = 100, 101, 102, 104
+TIGHT = 64  # polls back to back before yielding, as collafuse_mpi.comm.TIGHT_POLLS
 _now = time.perf_counter
 
 
@@ -89,17 +91,22 @@ class RawTwo(Raw):
         self.testall = MPI.Request.Testall
         self.head, self.rhead = np.zeros(12, np.int64), np.zeros(12, np.int64)
 
-    def send(self, dest, x):  # both sides wait as the transport does: poll, yielding the core
+    def send(self, dest, x):  # both sides wait as the transport does: polls back to back, then yielding the core
         reqs = [self.comm.Isend(self.head, dest, TAG_TWO), self.comm.Isend(x, dest, TAG_TWO + 1)]
+        for _ in range(TIGHT):
+            if self.testall(reqs):
+                return
         while not self.testall(reqs):
             os.sched_yield()
 
     def recv(self, source):
-        while True:
+        for _ in range(TIGHT):
             msg = self.comm.Improbe(source, TAG_TWO)
             if msg is not None:
                 break
+        while msg is None:
             os.sched_yield()
+            msg = self.comm.Improbe(source, TAG_TWO)
         msg.Recv(self.rhead)
         self.comm.Recv(self.buf, source, TAG_TWO + 1)
         return self.buf
@@ -222,8 +229,10 @@ def plan(test: str, nbytes: int, quick: bool) -> tuple[int, int, int]:
 def run(comm, methods, sizes, quick=False):
     """Every (test, size, method) -> list of per-message seconds on rank 0 (warm-up dropped).
 
-    Samples are taken round robin over the methods (a b c, b c a, ...), so a burst of load from
-    other processes on this machine lands on every method alike.
+    Each sample runs every method once, in a new random order (the same seed on every rank), so a
+    burst of load from other processes lands on every method alike, and no method always follows the
+    same one: a method run right after another that used the same buffers finds them warm in cache
+    (the fixed rotation used before, a b c, b c a, ..., mostly ran raw right after the transport).
     """
     ack = np.zeros(1, dtype=np.float32)
     out = {"latency": {}, "bandwidth": {}, "anon_huge_kib": {}}
@@ -237,9 +246,10 @@ def run(comm, methods, sizes, quick=False):
             for m in methods:  # warm-up, discarded
                 for _ in range(warmup):
                     _one(test, comm, m, payload[m.name], window, ack)
+            order, rng = list(methods), random.Random(nbytes)
             for i in range(samples):
-                j = i % len(methods)
-                for m in methods[j:] + methods[:j]:
+                rng.shuffle(order)
+                for m in order:
                     got[m.name].append(_one(test, comm, m, payload[m.name], window, ack))
             for name, v in got.items():
                 out[test].setdefault(name, {})[nbytes] = {"window": window, "seconds": v}
@@ -282,6 +292,7 @@ def ratios(summary: dict, sizes, a="transport") -> list[dict]:
             if "raw_two" in bw:
                 row[f"{test}_f_over_b"] = bw["raw_two"] / bw["raw"]
                 row[f"{test}_a_over_f"] = bw[a] / bw["raw_two"]
+                row[f"{test}_a_minus_f_us"] = (s[a][nbytes]["p50"] - s["raw_two"][nbytes]["p50"]) * 1e6
             if "raw_alloc" in bw:  # second pass: both receive into a fresh buffer per message
                 row[f"{test}_fresh_a_over_b_alloc"] = bw["transport_fresh"] / bw["raw_alloc"]
         rows.append(row)
@@ -444,21 +455,25 @@ def explain(rat, over) -> str:
     kept = [f"{human(r['bytes'])} {r['bandwidth_kept_over_b']:.2f}" for r in big if "bandwidth_kept_over_b" in r]
     floor = [f"{human(r['bytes'])} {r['bandwidth_f_over_b']:.2f} and {r['bandwidth_a_over_f']:.2f}"
              for r in big if "bandwidth_f_over_b" in r]
+    per_side = sum(v for k, v in over.items() if k.startswith(("MPITransport.send", "MPITransport.recv(into")))
+    inplace = [f"{human(r['bytes'])} {r['bandwidth_a_minus_f_us']:.1f} us" for r in big if "bandwidth_a_minus_f_us" in r]
     text = ("Large messages. " + " ".join(lines) + " The transport sends a 96-byte header and then the "
             "payload from the tensor's own memory; the receiver matches the header with a matched probe "
             "and receives the payload into the memory the caller gives (into=), here the same memory (b) "
-            "receives into. What it adds over (b) is fixed per message: the header message, and Python "
-            "work of a few microseconds (below), both on the serial path of every message (the receiver "
-            "must read the header before it can post the payload's receive), so the ratio rises with "
-            "size. Split, as (f)/(b) (the protocol in bare mpi4py) and (a)/(f) (the transport's Python "
-            "work): " + ("; ".join(floor) or "-") + ". (e), the same transport "
+            "receives into. What it adds over (b) is the header message and its own Python work, both on "
+            "the serial path of every message: the receiver must read the header before it can post the "
+            "payload's receive, and the next message starts when the last has landed. Split, as (f)/(b) "
+            "(the protocol in bare mpi4py) and (a)/(f) (the transport's Python work): "
+            + ("; ".join(floor) or "-") + ". In place that Python work costs more than with MPI stubbed out "
+            f"({per_side:.1f} us for a send and a receive, below): streaming, (a) takes per message "
+            + (", ".join(inplace) or "-") + " more than (f) (P50 against P50; below zero, (f) ran the slower in "
+            "this run). (e), the same transport "
             "landing in its own kept buffer and sending its own tensor, streams at "
             + (", ".join(kept) or "-") + " of (b): at these sizes which memory a copy touches (cache, "
             "page placement) moves the time as much as the protocol does. Run-to-run noise on this "
             "machine is large (2 vCPUs shared with other tenants, loadavg in the header): repeated runs "
             "are recorded side by side in transport-runs.md.\n\n")
     small = rat[0]
-    per_side = sum(v for k, v in over.items() if k.startswith(("MPITransport.send", "MPITransport.recv(into")))
     text += (f"Small messages. At 1 KiB (a) is {small['latency_a_over_b']:.2f}x of raw in ping-pong and "
              f"{small['bandwidth_a_over_b']:.2f}x streaming: raw Send/Recv of 1 KiB costs 1-3 us, the "
              f"transport's own Python/torch work about {per_side:.1f} us per message (send + recv with MPI "
