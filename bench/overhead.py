@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -153,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=3, help="on/off pairs, alternated ABBA")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD.Dup()
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     tmp = tempfile.mkdtemp(prefix="cf-overhead-") if rank == 0 else None
     tmp = comm.bcast(tmp)
     order = [(i % 4) in (0, 3) for i in range(2 * args.pairs)]  # on off off on on off ...
