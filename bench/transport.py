@@ -6,8 +6,8 @@
 
 Pass 1, side by side (each sample runs the methods in a new random order):
   (a) transport  collafuse_mpi.comm.MPITransport.send/recv of a CPU float32 tensor, received with
-                 into= (the caller's memory), as the server receives training batches into its
-                 fused batch. It sends from and receives into the same memory as (b).
+                 into= a Landing (the caller's memory, named once), as the server receives training
+                 batches into its fused batch. It sends from and receives into the same memory as (b).
   (b) raw        mpi4py Comm.Send/Recv of a numpy float32 buffer into a preallocated buffer (osu_*).
   (c) pickle     mpi4py Comm.send/recv of the same numpy array (pickled with MPI.pickle.PROTOCOL).
   (f) raw_two    the transport's protocol in bare mpi4py: a 96-byte header message matched by
@@ -163,8 +163,8 @@ class Transport:
 
     def make(self, nbytes, shared):
         if self.shared and self.device.type == "cpu":  # (b)'s memory, viewed as tensors
-            dst = self.torch.from_numpy(shared[1])
-            self.into = lambda info: dst
+            land = self.cm.Landing(self.torch.from_numpy(shared[1]))  # as the server names its rows
+            self.into = lambda info: land
             return self.torch.from_numpy(shared[0])
         g = self.torch.Generator().manual_seed(0)
         return self.torch.randn(nbytes // 4, generator=g).to(self.device)
@@ -173,7 +173,7 @@ class Transport:
         self.tp.send(dest, self.cm.TRAIN, 0, 0, x)
 
     def buffers(self, x):
-        landing = [self.into(None).data_ptr()] if self.into else [kept[0].data_ptr() for kept in self.tp._pool.values()]
+        landing = [self.into(None).tensor.data_ptr()] if self.into else [kept[0].data_ptr() for kept in self.tp._pool.values()]
         return [x.data_ptr()] + landing
 
     def recv(self, source):
@@ -307,6 +307,7 @@ def python_overhead(n: int = 5000) -> dict:
 
     from collafuse_mpi import comm as cm
     x, dst = torch.randn(256), torch.empty(256)
+    land = cm.Landing(dst)
     h = cm.make_header(cm.TRAIN, 0, 0, x)  # received by the stub below as the header bytes
     stats = cm.Stats()
     big = np.empty(4 * MiB, np.float32)
@@ -340,6 +341,7 @@ def python_overhead(n: int = 5000) -> dict:
         "MPITransport.recv, MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN),
         "MPITransport.recv(reuse=True), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, reuse=True),
         "MPITransport.recv(into=...), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, into=lambda info: dst),
+        "MPITransport.recv(into=Landing), MPI stubbed out (1 KiB)": lambda: tp.recv(1, cm.TRAIN, into=lambda info: land),
         "make_header": lambda: cm.make_header(cm.TRAIN, 0, 0, x),
         "parse_header": lambda: cm.parse_header(h),
         "MPITransport._buf (buffer from the data pointer)": lambda: tp._buf(x, 1024),
@@ -455,7 +457,7 @@ def explain(rat, over) -> str:
     kept = [f"{human(r['bytes'])} {r['bandwidth_kept_over_b']:.2f}" for r in big if "bandwidth_kept_over_b" in r]
     floor = [f"{human(r['bytes'])} {r['bandwidth_f_over_b']:.2f} and {r['bandwidth_a_over_f']:.2f}"
              for r in big if "bandwidth_f_over_b" in r]
-    per_side = sum(v for k, v in over.items() if k.startswith(("MPITransport.send", "MPITransport.recv(into")))
+    per_side = sum(v for k, v in over.items() if k.startswith(("MPITransport.send", "MPITransport.recv(into=Landing")))
     inplace = [f"{human(r['bytes'])} {r['bandwidth_a_minus_f_us']:.1f} us" for r in big if "bandwidth_a_minus_f_us" in r]
     text = ("Large messages. " + " ".join(lines) + " The transport sends a 96-byte header and then the "
             "payload from the tensor's own memory; the receiver matches the header with a matched probe "

@@ -77,6 +77,21 @@ def landing_mismatch(target: torch.Tensor, dtype: torch.dtype, shape: tuple) -> 
     return ""
 
 
+class Landing:
+    """Memory named once for payloads that keep landing there (the server's rows of its fused
+    batch, step after step). The transport checks it against the first payload's header and keeps
+    what it found (layout, MPI buffer), so later payloads of that layout land with no tensor query:
+    after a training step those queries run with cold caches and cost several microseconds each.
+    It holds its own alias of the memory, so moving a caller's tensor elsewhere (set_, resize_)
+    does not move where payloads land."""
+
+    __slots__ = ("tensor", "layout", "out", "buf", "nbytes", "cuda")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.detach()  # a tensor object only the landing holds, on the same memory
+        self.layout = None  # header bytes (dtype, ndim, shape) it was checked for; set by the transport
+
+
 class Stats:
     """Bytes and message counts per (direction, kind, peer); header bytes included. Kept by kind
     number (add runs per message), read by kind name."""
@@ -233,9 +248,6 @@ class MPITransport:
         self.stats = Stats()
         self._pool = {}  # (source, kind, direct) -> (tensor, shape, MPI buffer, bytes) kept for reuse
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
-        # (source, kind) -> (target, layout bytes, address, payload view, MPI buffer, bytes, cuda): the
-        # memory `into` last named, checked. Holds the target alive until the next such receive.
-        self._lands = {}
         self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
@@ -321,8 +333,9 @@ class MPITransport:
         """(header info, payload). With `reuse` the payload lives in a buffer that the next
         recv of the same kind from the same source overwrites: the caller must be done with it.
         `into(info)` gives the caller's own memory for the payload whose header is `info` (a
-        contiguous tensor of its dtype and element count, e.g. rows of a fused batch): MPI writes
-        there directly, and the payload comes back as that memory in the header's shape."""
+        contiguous tensor of its dtype and element count, e.g. rows of a fused batch), or a
+        `Landing` of such memory that it names step after step: MPI writes there directly, and the
+        payload comes back as that memory in the header's shape."""
         msg = self._matched.pop((source, kind), None)
         if msg is None:
             for _ in range(TIGHT_POLLS):  # arrived or about to: no polling loop
@@ -335,25 +348,23 @@ class MPITransport:
         header = self._header
         msg.Recv(header)
         info = parse_header(header)
-        target = None
+        target = land = None
         if into is not None:
             target = into(info)
-            land = self._lands.get((source, kind))
-            # The same memory as last time for the same layout (the server's rows, step after step):
-            # what was checked then still holds, so none of the tensor queries below run again.
-            if land is not None and land[0] is target and land[1] == header[_LAYOUT] and land[2] == target.data_ptr():
-                out, buf, nbytes = land[3], land[4], land[5]
-                if land[6]:  # kernels still reading the caller's memory must finish first
-                    torch.cuda.current_stream(target.device).synchronize()
-                if nbytes:
-                    self.comm.Recv(buf, source, 2 * kind + 1)
-                self.stats.add("recv", kind, source, nbytes)
-                if self.record_dir:
-                    record(self.record_dir, self.rank, source, info, out)
-                return info, out
-        return self._recv_general(source, kind, device, reuse, target, info)
+            if type(target) is Landing:
+                land, target = target, target.tensor
+                if land.layout == header[_LAYOUT]:  # checked for this layout already
+                    if land.cuda:  # kernels still reading the caller's memory must finish first
+                        torch.cuda.current_stream(target.device).synchronize()
+                    if land.nbytes:
+                        self.comm.Recv(land.buf, source, 2 * kind + 1)
+                    self.stats.add("recv", kind, source, land.nbytes)
+                    if self.record_dir:
+                        record(self.record_dir, self.rank, source, info, land.out)
+                    return info, land.out
+        return self._recv_general(source, kind, device, reuse, target, land, info)
 
-    def _recv_general(self, source, kind, device, reuse, target, info):
+    def _recv_general(self, source, kind, device, reuse, target, land, info):
         dtype, shape = info["dtype"], info["shape"]
         bad = ""
         if target is not None:
@@ -369,7 +380,9 @@ class MPITransport:
             out = target if tuple(target.shape) == shape else target.view(shape)
             nbytes = target.nbytes
             buf = self._buf(target, nbytes) if nbytes else None
-            self._lands[(source, kind)] = (target, bytes(self._header[_LAYOUT]), target.data_ptr(), out, buf, nbytes, cuda)
+            if land is not None:
+                land.out, land.buf, land.nbytes, land.cuda = out, buf, nbytes, cuda
+                land.layout = bytes(self._header[_LAYOUT])
         else:  # a bad target still takes the payload off the wire, so the stream stays in step
             out, buf, nbytes = self._landing((source, kind, direct), dtype, shape, device if direct else _CPU,
                                              not direct, reuse or target is not None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from .comm import _CPU, KIND_NAMES, Stats, landing_mismatch, make_header, parse_header
+from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, make_header, parse_header
 
 
 class _Mailboxes:
@@ -78,6 +78,8 @@ class LoopbackTransport:
         if into is None:
             return info, payload.to(device)
         target = into(info)
+        if type(target) is Landing:
+            target = target.tensor
         bad = landing_mismatch(target, info["dtype"], info["shape"])
         if bad:
             raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")

@@ -24,7 +24,7 @@ class Server:
         self.start_step = 0
         self._fused = None  # the fused batch buffer (rows = images of all senders)
         self._fused_layout = (0, 0, None)  # its rows, width and dtype, kept as plain values
-        self._views = {}  # (start, rows) -> view of the fused buffer
+        self._views = {}  # (start, rows) -> Landing on those rows of the fused buffer
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
@@ -39,11 +39,11 @@ class Server:
             self.learner.load_state_dict(state["learner"])
         self.start_step = step
 
-    def _rows(self, start: int, info: dict) -> torch.Tensor:
+    def _rows(self, start: int, info: dict) -> comm.Landing:
         """Rows start.. of the fused batch buffer, where one client's payload lands. The buffer is
         kept from step to step (shapes repeat) and grows, keeping the rows before `start`, when a
-        step brings more rows. The same rows come back as the same view object, so the transport
-        can tell it is the memory it checked last step."""
+        step brings more rows. The same rows come back as the same Landing, which the transport
+        checks once."""
         n, width = info["shape"]
         rows, have_width, dtype = self._fused_layout
         if rows < start + n or have_width != width or dtype != info["dtype"]:
@@ -53,7 +53,7 @@ class Server:
             self._fused, self._fused_layout, self._views = grown, (start + n, width, info["dtype"]), {}
         view = self._views.get((start, n))
         if view is None:
-            view = self._views[(start, n)] = self._fused[start:start + n]
+            view = self._views[(start, n)] = comm.Landing(self._fused[start:start + n])
         return view
 
     def receive_step(self):

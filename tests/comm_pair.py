@@ -133,43 +133,44 @@ else:
     info, got = tp.recv(0, cm.TRAIN)
     assert info["step"] == 24 and torch.equal(got, rows * 2), info
 
-# 5b. the same memory named again (the server's rows, step after step) skips the checks only while
-#     they would pass: a new layout, other memory, or memory moved under the same tensor object
-#     goes through them again
+# 5b. a Landing: checked on its first payload, then payloads of that layout land with no checks;
+#     one that does not fit is still refused (and taken off the wire), and the memory stays the
+#     landing's own even when the caller's tensor object is moved elsewhere
 world.Barrier()
 big = torch.arange(4 * 5, dtype=torch.float32).view(4, 5)
 if rank == 0:
     for i in range(3):
-        tp.send(1, cm.TRAIN, 0, 30 + i, big[:2] + i)  # lands three times in the same view
-    tp.send(1, cm.TRAIN, 0, 33, big[:3])  # same view, a layout that does not fit it
+        tp.send(1, cm.TRAIN, 0, 30 + i, big[:2] + i)  # lands three times in the same landing
+    tp.send(1, cm.TRAIN, 0, 33, big[:3])  # a layout that does not fit it
     tp.send(1, cm.TRAIN, 0, 34, big[:2] * 5)  # fits again
-    tp.send(1, cm.TRAIN, 0, 35, big[:2] * 7)  # same tensor object, its storage replaced
-    tp.send(1, cm.TRAIN, 0, 36, big[:2] * 9)  # other memory
+    tp.send(1, cm.TRAIN, 0, 35, big[:2] * 7)  # after the caller's view was moved
+    tp.send(1, cm.TRAIN, 0, 36, big.reshape(-1)[:10] * 9)  # another shape of the same element count
 else:
     fused = torch.zeros(4, 5)
     view = fused[1:3]
+    land = cm.Landing(view)
+    assert land.layout is None
     for i in range(3):
-        info, out = tp.recv(0, cm.TRAIN, into=lambda info: view)
-        assert info["step"] == 30 + i and out is view and torch.equal(fused[1:3], big[:2] + i), fused
-    kept = tp._lands[(0, cm.TRAIN)]
-    assert kept[0] is view and kept[2] == view.data_ptr()
+        info, out = tp.recv(0, cm.TRAIN, into=lambda info: land)
+        assert info["step"] == 30 + i and out.data_ptr() == view.data_ptr(), info
+        assert torch.equal(fused[1:3], big[:2] + i) and torch.equal(out, big[:2] + i), fused
+    assert land.layout == cm.header_bytes(cm.TRAIN, 0, 0, view)[24:88]
     try:
-        tp.recv(0, cm.TRAIN, into=lambda info: view)
+        tp.recv(0, cm.TRAIN, into=lambda info: land)
     except ValueError as e:
         assert "does not fit" in str(e), e
     else:
-        raise AssertionError("a larger payload was accepted into memory that was kept for a smaller one")
-    assert torch.equal(fused[1:3], big[:2] + 2), "a refused payload wrote into the kept memory"
-    info, out = tp.recv(0, cm.TRAIN, into=lambda info: view)
+        raise AssertionError("a larger payload was accepted into a landing checked for a smaller one")
+    assert torch.equal(fused[1:3], big[:2] + 2), "a refused payload wrote into the landing"
+    info, out = tp.recv(0, cm.TRAIN, into=lambda info: land)
     assert info["step"] == 34 and torch.equal(fused[1:3], big[:2] * 5)
     moved = torch.zeros(2, 5)
-    view.set_(moved)  # the same Python object now points at other memory
-    info, out = tp.recv(0, cm.TRAIN, into=lambda info: view)
-    assert info["step"] == 35 and torch.equal(moved, big[:2] * 7) and torch.equal(fused[1:3], big[:2] * 5)
-    other = torch.zeros(2, 5)
-    info, out = tp.recv(0, cm.TRAIN, into=lambda info: other)
-    assert info["step"] == 36 and torch.equal(other, big[:2] * 9) and torch.equal(moved, big[:2] * 7)
-    assert tp._lands[(0, cm.TRAIN)][0] is other
+    view.set_(moved)  # the caller's object now points elsewhere; the landing's memory does not move
+    info, out = tp.recv(0, cm.TRAIN, into=lambda info: land)
+    assert info["step"] == 35 and torch.equal(fused[1:3], big[:2] * 7) and not moved.any()
+    info, out = tp.recv(0, cm.TRAIN, into=lambda info: land)  # (10,) into the (2, 5) rows: checked, lands
+    assert info["step"] == 36 and tuple(out.shape) == (10,) and torch.equal(fused[1:3].reshape(-1), big.reshape(-1)[:10] * 9)
+    assert land.layout == cm.header_bytes(cm.TRAIN, 0, 0, out)[24:88]
 
 # 6. a peer that never sends is named after the timeout, not waited on forever
 world.Barrier()
