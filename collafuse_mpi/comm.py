@@ -4,7 +4,7 @@ Every message is a fixed-size int64 header followed, when the tensor is not empt
 contiguous payload as raw bytes (no pickling on the hot path), on the kind's second tag; MPI keeps
 per-tag order. The receiver matches the header with a matched probe, so no other receive can take
 it, and lands the payload in a fresh buffer, a kept one, or memory the caller names from the header
-(`into`: the server's fused batch). CUDA tensors go to MPI directly when the library is CUDA-aware,
+(`into`: the server's fused batch, named once as a `Landing`). CUDA tensors go to MPI directly when the library is CUDA-aware,
 else through pinned host buffers.
 
 Why not one message, header and payload gathered by a derived datatype: it measured as fast as a
