@@ -4,8 +4,8 @@ Every message is a fixed-size int64 header followed, when the tensor is not empt
 contiguous payload as raw bytes (no pickling on the hot path), on the kind's second tag; MPI keeps
 per-tag order. The receiver matches the header with a matched probe, so no other receive can take
 it, and lands the payload in a fresh buffer, a kept one, or memory the caller names from the header
-(`into`: the server's fused batch, named once as a `Landing`). CUDA tensors go to MPI directly when the library is CUDA-aware,
-else through pinned host buffers.
+(`into`: the server's fused batch, named once as a `Landing`). CUDA tensors go to MPI directly when
+the library is CUDA-aware, else through pinned host buffers.
 
 Why not one message, header and payload gathered by a derived datatype: it measured as fast as a
 plain Send in isolation, but MPI cannot move a non-contiguous message by single copy, so a large
@@ -89,7 +89,9 @@ class Landing:
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor.detach()  # a tensor object only the landing holds, on the same memory
-        self.layout = None  # header bytes (dtype, ndim, shape) it was checked for; set by the transport
+        # Set by the transport once it checked the memory: the header bytes (dtype, ndim, shape) it
+        # was checked for, the payload's view of it, its MPI buffer and size, whether it is on a GPU.
+        self.layout, self.out, self.buf, self.nbytes, self.cuda = None, None, None, 0, False
 
 
 class Stats:
@@ -134,7 +136,7 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
 INTERRUPT_GRACE_S = 1.0
 SPIN_S = 5e-4  # poll without sleeping this long first: the shortest sleep costs ~60 us on Linux
 SPIN_BYTES_PER_S = 1e9  # a send keeps spinning while its bytes could still be moving at this rate
-TIGHT_POLLS = 64  # first polls without a system call between them (tens of us): a message about to land is seen at once
+TIGHT_POLLS = 64  # polls back to back first (tens of us, no system call): a landing message is seen at once
 _interrupt_seen = {}
 
 

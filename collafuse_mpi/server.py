@@ -24,7 +24,7 @@ class Server:
         self.start_step = 0
         self._fused = None  # the fused batch buffer (rows = images of all senders)
         self._fused_layout = (0, 0, None)  # its rows, width and dtype, kept as plain values
-        self._views = {}  # (start, rows) -> Landing on those rows of the fused buffer
+        self._landings = {}  # (start, rows) -> Landing on those rows of the fused buffer
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
@@ -50,11 +50,11 @@ class Server:
             grown = torch.empty((start + n, width), dtype=info["dtype"], device=self.device)
             if start:
                 grown[:start] = self._fused[:start]
-            self._fused, self._fused_layout, self._views = grown, (start + n, width, info["dtype"]), {}
-        view = self._views.get((start, n))
-        if view is None:
-            view = self._views[(start, n)] = comm.Landing(self._fused[start:start + n])
-        return view
+            self._fused, self._fused_layout, self._landings = grown, (start + n, width, info["dtype"]), {}
+        land = self._landings.get((start, n))
+        if land is None:
+            land = self._landings[(start, n)] = comm.Landing(self._fused[start:start + n])
+        return land
 
     def receive_step(self):
         """One batch from each sending client, received by MPI straight into its rows of one
