@@ -12,8 +12,8 @@ Pass 1, side by side (each sample runs the methods in a new random order):
   (c) pickle     mpi4py Comm.send/recv of the same numpy array (pickled with MPI.pickle.PROTOCOL).
   (f) raw_two    the transport's protocol in bare mpi4py: a 96-byte header message matched by
                  Improbe, then the payload as its own message, in (b)'s memory, both sides polling
-                 as the transport does (back to back, then yielding the core). (f)/(b) is what the protocol costs; (a)/(f) is what the
-                 transport's Python work costs.
+                 as the transport does (back to back, then yielding the core). (f)/(b) is what the
+                 protocol costs; (a)/(f) is what the transport's Python work costs.
   (e) transport_kept  the transport with reuse=True: its own kept receive buffer and its own
                  source tensor. Other memory than (b)'s moved the same protocol by 10-40% here
                  (cache and page placement), which is why (a) shares (b)'s.
@@ -91,7 +91,7 @@ class RawTwo(Raw):
         self.testall = MPI.Request.Testall
         self.head, self.rhead = np.zeros(12, np.int64), np.zeros(12, np.int64)
 
-    def send(self, dest, x):  # both sides wait as the transport does: polls back to back, then yielding the core
+    def send(self, dest, x):  # both sides wait as the transport does: back to back, then yielding
         reqs = [self.comm.Isend(self.head, dest, TAG_TWO), self.comm.Isend(x, dest, TAG_TWO + 1)]
         for _ in range(TIGHT):
             if self.testall(reqs):
