@@ -355,18 +355,26 @@ class MPITransport:
             target = into(info)
             if type(target) is Landing:
                 land, target = target, target.tensor
-                if land.layout == header[_LAYOUT]:  # checked for this layout already
-                    if land.cuda:  # kernels still reading the caller's memory must finish first
-                        torch.cuda.current_stream(target.device).synchronize()
-                    if land.nbytes:
-                        self.comm.Recv(land.buf, source, 2 * kind + 1)
-                    self.stats.add("recv", kind, source, land.nbytes)
-                    if self.record_dir:
-                        record(self.record_dir, self.rank, source, info, land.out)
-                    return info, land.out
-        return self._recv_general(source, kind, device, reuse, target, land, info)
+        if land is not None and land.layout == header[_LAYOUT]:  # checked for this layout already
+            if land.cuda:  # kernels still reading the caller's memory must finish first
+                torch.cuda.current_stream(target.device).synchronize()
+            out, buf, nbytes, direct, bad = land.out, land.buf, land.nbytes, True, ""
+        else:
+            out, buf, nbytes, direct, bad = self._place(source, kind, device, reuse, target, land, info)
+        if nbytes:
+            self.comm.Recv(buf, source, 2 * kind + 1)
+        self.stats.add("recv", kind, source, nbytes)
+        if bad:
+            raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
+        if self.record_dir:
+            record(self.record_dir, self.rank, source, info, out)
+        if not direct:
+            out = target.view(info["shape"]).copy_(out) if target is not None else out.to(device, non_blocking=False)
+        return info, out
 
-    def _recv_general(self, source, kind, device, reuse, target, land, info):
+    def _place(self, source, kind, device, reuse, target, land, info):
+        """(payload view, MPI buffer, bytes, direct, why the target does not fit) for a payload
+        whose memory has not been checked yet; a Landing keeps what was found."""
         dtype, shape = info["dtype"], info["shape"]
         bad = ""
         if target is not None:
@@ -385,19 +393,11 @@ class MPITransport:
             if land is not None:
                 land.out, land.buf, land.nbytes, land.cuda = out, buf, nbytes, cuda
                 land.layout = bytes(self._header[_LAYOUT])
-        else:  # a bad target still takes the payload off the wire, so the stream stays in step
-            out, buf, nbytes = self._landing((source, kind, direct), dtype, shape, device if direct else _CPU,
-                                             not direct, reuse or target is not None)
-        if nbytes:
-            self.comm.Recv(buf, source, 2 * kind + 1)
-        self.stats.add("recv", kind, source, nbytes)
-        if bad:
-            raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
-        if self.record_dir:
-            record(self.record_dir, self.rank, source, info, out)
-        if not direct:
-            out = target.view(shape).copy_(out) if target is not None else out.to(device, non_blocking=False)
-        return info, out
+            return out, buf, nbytes, direct, bad
+        # a bad target still takes the payload off the wire, so the stream stays in step
+        out, buf, nbytes = self._landing((source, kind, direct), dtype, shape, device if direct else _CPU,
+                                         not direct, reuse or target is not None)
+        return out, buf, nbytes, direct, bad
 
     def barrier(self):
         self.comm.Barrier()

@@ -23,7 +23,7 @@ class Server:
         self.learner = None
         self.start_step = 0
         self._fused = None  # the fused batch buffer (rows = images of all senders)
-        self._fused_layout = (0, 0, None)  # its rows, width and dtype, kept as plain values
+        self._fused_layout = (0, 0, None)  # its rows, width, dtype: plain values, so no tensor query per message
         self._landings = {}  # (start, rows) -> Landing on those rows of the fused buffer
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
