@@ -35,7 +35,8 @@ class Client:
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         if self.record_dir:
             os.makedirs(self.record_dir, exist_ok=True)
-        self.last_batch = None  # (x0, message) of the last step, for the disclosure measure
+        from .privacy.views import SentLog
+        self.sent = SentLog(cfg.privacy.max_views)  # which images the kept messages came from
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict() if self.learner else None,
@@ -69,14 +70,16 @@ class Client:
                 loss = self.learner.step(timer, eps, x_t, t.to(self.device))
             if self.sends:
                 with timer.phase("noise"):
-                    x_s, t_s, eps_s = schedule.server_message(self.sched, x0, self.k, self.noise_gen)
+                    index = self.batches.last_index
+                    eps_c = self._cut_noise(index) if cfg.privacy.cut_noise == "per_image" else None
+                    x_s, t_s, eps_s = schedule.server_message(self.sched, x0, self.k, self.noise_gen, eps_c)
                     payload = pack_train(x_s, eps_s, t_s.to(self.device))
                 with timer.phase("wait"):  # bounded: never more than max_in_flight batches unacknowledged
                     while len(in_flight) >= cfg.train.max_in_flight:
                         in_flight.popleft().wait()
                 with timer.phase("send"):
                     in_flight.append(self.tp.isend(SERVER, comm.TRAIN, self.index, step, payload, meta=self.k))
-                self.last_batch = (x0, payload)
+                self.sent.add(step, index)
             loss_value = float(loss)  # the only host sync of the step
             if self.learner is not None:
                 check_loss(self.rank, step, loss_value)
@@ -88,6 +91,15 @@ class Client:
         with timer.phase("wait"):
             while in_flight:
                 in_flight.popleft().wait()
+
+    def _cut_noise(self, index: torch.Tensor) -> torch.Tensor:
+        """per_image: one eps_c per training image, from a seed of its dataset index, so every
+        view of an image is the same x_k (and resumes give the same noise)."""
+        shape = tuple(self.batches.data.shape[1:])
+        rows = [torch.randn(shape, generator=generator(derive_seed(self.cfg.run.seed, self.rank, "cut_noise",
+                                                                   int(self.data.train_index[i]))))
+                for i in index.tolist()]
+        return torch.stack(rows).to(self.device)
 
     @torch.no_grad()
     def sample(self):
@@ -111,7 +123,8 @@ class Client:
             model = self.learner.ema.model
             pairs = schedule.side_steps(self.T, self.k, d.sampler, d.sample_steps, "client")
             with self.timer.phase("sample"):
-                x = schedule.run_chain(self.sched, model, x, 0, pairs, d.sampler, gen, clip=True)
+                x = schedule.run_chain(self.sched, model, x, 0, pairs, d.sampler, gen, clip=True,
+                                       eta=cfg.sample.eta)
         return x.clamp(-1, 1), server_view
 
     def sample_arrays(self, final, server_view) -> dict:

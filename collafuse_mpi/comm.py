@@ -405,6 +405,10 @@ class MPITransport:
     def bcast_obj(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    def scatter_obj(self, objs, root=0):
+        """objs[r] to rank r (objs is read on the root only); after the run, never on the hot path."""
+        return self.comm.scatter(objs, root=root)
+
     def gather_obj(self, obj, root=0):
         return self.comm.gather(obj, root=root)
 

@@ -27,6 +27,9 @@ MODEL_PRESETS = {  # base channels, channel multipliers, time-embedding width
 IF_EXISTS = ("fail", "append", "overwrite")
 TIMING_MODES = ("attribution", "throughput")
 TRISTATE = ("auto", "yes", "no")
+CUT_NOISE = ("fresh", "per_image")
+ATTACKS = ("scalar", "linear", "public_linear", "learned", "multiview", "reid", "membership", "sampling")
+ATTACK_SETS = {"all": ATTACKS, "quick": tuple(a for a in ATTACKS if a != "learned"), "none": ()}
 
 
 class ConfigError(ValueError):
@@ -105,6 +108,38 @@ class TrainConfig:
 class SampleConfig:
     samples_per_client: int = 16
     """Images each client generates after training (through the server when k < T)."""
+    eta: float = 0.0
+    """DDIM stochasticity in [0, 1]: 0 is deterministic (the final sample is a function of the
+    x_k the server sent), 1 has DDPM's posterior variance. Ignored by ddpm."""
+
+
+@dataclass
+class PrivacyConfig:
+    attacks: str = "all"
+    """Attacks rank 0 runs on what it received: all, quick (all but the learned attacker), none,
+    or a comma list of scalar, linear, public_linear, learned, multiview, reid, membership, sampling."""
+    cut_noise: str = "fresh"
+    """Noise of the cut image x_k: fresh (a new eps_c for every batch: every epoch sends a new
+    view of each image) or per_image (one eps_c per training image, kept on the client: every
+    view of an image is the same x_k)."""
+    aux_fraction: float = 0.1
+    """Share of the dataset carved out, before partitioning, as the attacker's public data
+    (disjoint from every client's); 0 = none (then aux_path, or no public-data attacks)."""
+    aux_path: str = ""
+    """Public data for the attacker from another file or folder (same format as data.dataset)."""
+    max_views: int = 8192
+    """Views (received cut images) per client that rank 0 keeps for the attacks."""
+    learned_steps: int = 600
+    """Training steps of the learned attacker (a denoiser trained on the public data)."""
+    mia_samples: int = 256
+    """Members and non-members each used for membership inference (at most the held-out count)."""
+    mia_draws: int = 8
+    """Noise draws per image in the membership losses."""
+    reid_views: int = 512
+    """Views scored by re-identification."""
+    link_z: float = 3.0
+    """Linking threshold: two views are linked when their squared distance is below the
+    same-image mean 2(1-abar)D by less than link_z standard deviations above it."""
 
 
 @dataclass
@@ -154,6 +189,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -317,12 +353,41 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if os.path.exists(r.output):
         _check(r.if_exists != "fail",
                f"output {r.output} exists; pass --append to add a run or --overwrite to replace it")
+    _validate_privacy(cfg)
+    _check(_is_number(s.eta) and 0 <= s.eta <= 1, "sample.eta must be a number in [0, 1]")
     if world_size is not None:
         _check(world_size >= 2, f"need at least 2 ranks (1 server + 1 client), got {world_size}; "
                "launch with mpirun -n 3 or more")
         n_clients = world_size - 1
         _check(not d.client_cuts or len(d.client_cuts) == n_clients,
                f"{len(d.client_cuts)} client cuts given for {n_clients} clients")
+
+
+def attack_set(cfg: Config) -> tuple:
+    """The attacks privacy.attacks names, in the suite's order."""
+    spec = cfg.privacy.attacks.strip()
+    if spec in ATTACK_SETS:
+        return ATTACK_SETS[spec]
+    names = [a.strip() for a in spec.split(",") if a.strip()]
+    return tuple(a for a in ATTACKS if a in names)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    _check(isinstance(p.attacks, str), "privacy.attacks must be a string")
+    if isinstance(p.attacks, str) and p.attacks.strip() not in ATTACK_SETS:
+        bad = [a.strip() for a in p.attacks.split(",") if a.strip() and a.strip() not in ATTACKS]
+        _check(not bad, f"privacy.attacks: unknown attack {', '.join(bad)}; choose all, quick, none "
+               f"or from {', '.join(ATTACKS)}")
+    _check(p.cut_noise in CUT_NOISE, f"privacy.cut_noise must be one of {', '.join(CUT_NOISE)}")
+    _check(_is_number(p.aux_fraction) and 0 <= p.aux_fraction < 0.5, "privacy.aux_fraction must be in [0, 0.5)")
+    _check(isinstance(p.aux_path, str), "privacy.aux_path must be a path string")
+    if p.aux_path:
+        _check(os.path.exists(p.aux_path), f"privacy.aux_path {p.aux_path} does not exist")
+    for name in ("max_views", "learned_steps", "mia_samples", "mia_draws", "reid_views"):
+        v = getattr(p, name)
+        _check(_is_int(v) and v >= 1, f"privacy.{name} must be an integer >= 1")
+    _check(_is_number(p.link_z) and p.link_z > 0, "privacy.link_z must be > 0")
 
 
 def describe() -> str:

@@ -25,6 +25,7 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross")
 N_SHAPES_IMAGES = 2000
 SHAPES_SEED = 1234      # fixed: the shapes dataset is the same in every run
 SUBSET_SEED = 0x5EED    # fixed: max_images keeps the same images on every rank and client
+AUX_STREAM = 11         # the public-data carve's random stream, apart from the partition's
 MIN_PER_CLIENT = 2      # one image to train on, one held out
 NPZ_SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -332,12 +333,39 @@ class ClientData:
     heldout_index: np.ndarray | None = None
 
 
+def split_aux(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(public, private) sorted indices: floor(fraction * n) images carved out for the attacker
+    before any partition, so they are disjoint from every client's data."""
+    n_aux = int(float(fraction) * n)
+    perm = _rng(seed, AUX_STREAM).permutation(n)
+    return np.sort(perm[:n_aux]), np.sort(perm[n_aux:])
+
+
+def private_count(cfg: Config) -> int:
+    """Images left for the clients after the public carve."""
+    n = count_images(cfg.data)
+    return n - int(float(cfg.privacy.aux_fraction) * n)
+
+
+def aux_images(cfg: Config) -> np.ndarray:
+    """The attacker's public images: privacy.aux_path if set, else the carved share (may be empty)."""
+    if cfg.privacy.aux_path:
+        import dataclasses
+        kind = "folder" if os.path.isdir(cfg.privacy.aux_path) else "npz"
+        return load_images(dataclasses.replace(cfg.data, dataset=kind, path=cfg.privacy.aux_path, max_images=0))[0]
+    labels, fetch = _source(cfg.data)
+    aux, _ = split_aux(len(labels), cfg.privacy.aux_fraction, cfg.run.seed)
+    return fetch(aux) if len(aux) else np.zeros((0, cfg.data.channels, cfg.data.image_size,
+                                                  cfg.data.image_size), np.float32)
+
+
 def client_data(cfg: Config, client: int, n_clients: int) -> ClientData:
     """Client `client`'s (0-based; client 0 is MPI rank 1) training and held-out images."""
     if not 0 <= client < n_clients:
         raise DataError(f"client {client} out of range for {n_clients} clients")
     labels, fetch = _source(cfg.data)
-    own = partition(labels, n_clients, cfg.data.partition, cfg.data.alpha, cfg.run.seed)[client]
+    _, private = split_aux(len(labels), cfg.privacy.aux_fraction, cfg.run.seed)
+    own = private[partition(labels[private], n_clients, cfg.data.partition, cfg.data.alpha, cfg.run.seed)[client]]
     m = len(own)
     n_held = min(max(int(round(cfg.data.holdout * m)), 1), m - 1)  # at least 1 on each side
     perm = _rng(cfg.run.seed, client, 7).permutation(m)  # 7: a stream apart from the partition's
@@ -384,4 +412,5 @@ class Batches:
             self.order = torch.cat([order[~dup], order[dup]])
             self.pos = self.batch_size - len(idx)
             idx = torch.cat([idx, self.order[:self.pos]])
+        self.last_index = idx  # which training images this batch holds (for the privacy scoring)
         return self.data[idx]

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from . import metrics, schedule
-from .training import derive_seed, global_rng_lock, unpack_train
+from . import metrics
+from .training import derive_seed, global_rng_lock
 
 
 def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
-    """KID of the samples against this client's held-out images, and disclosure measures.
-
-    Training disclosure is computed from the exact payload the client sent the server in its
-    last step (the server recovers x_k from it the same way), compared with the true batch.
-    """
+    """KID of the samples against this client's held-out images, and the paper's sampling
+    disclosure measure. What the server learns in training is the attack suite's (privacy/)."""
     out = {}
     real = torch.from_numpy(client.data.heldout)
     fake = final.detach().cpu().float()
@@ -26,14 +23,6 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
         # compare like with like: the server's view rescaled to image range vs the final sample
         out["sampling_disclosure"] = metrics.sampling_disclosure(
             (server_view.cpu().float() / abar_k).clamp(-1, 1), fake)
-    if client.last_batch is not None:
-        x0, payload = client.last_batch
-        shape = tuple(x0.shape[1:])
-        x_t, eps_s, t = unpack_train(payload.cpu(), shape)
-        kk = torch.full_like(t, client.k)
-        x_k = schedule.recover_cut(client.sched, x_t.double(), t, kk, eps_s.double())
-        out["training_disclosure"] = metrics.training_disclosure(
-            x0.cpu().double(), x_k, client.sched.abar[client.k].item())
     return out
 
 

@@ -95,6 +95,14 @@ class LoopbackTransport:
         self.barrier()
         return out
 
+    def scatter_obj(self, objs, root=0):
+        if self.rank == root:
+            self._mail.slots["scatter"] = list(objs)
+        self.barrier()
+        out = self._mail.slots["scatter"][self.rank]
+        self.barrier()
+        return out
+
     def bcast_obj(self, obj, root=0):
         if self.rank == root:
             self._mail.slots["bcast"] = obj

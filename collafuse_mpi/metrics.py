@@ -232,45 +232,6 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
         data_range=data_range, reduction="none").to(torch.float32)
 
 
-def _summary(est: Tensor, x0: Tensor) -> dict:
-    return {"mse": float(mse(est, x0).mean()), "psnr": float(psnr(est, x0).mean()),
-            "ssim": float(ssim(est, x0).mean())}
-
-
-def training_disclosure(x0: Tensor, x_k: Tensor, abar_k: float) -> dict:
-    """How well the server can reconstruct x0 from x_k = sqrt(abar_k) x0 + sqrt(1-abar_k) eps_c.
-
-    The server sees x_k exactly but never eps_c. Two estimates:
-      rescale  x_k / sqrt(abar_k)                      analytic MSE (1-abar)/abar
-      wiener   linear MMSE, prior = batch pixel mean mu and variance var, clamped to [-1, 1];
-               unclamped analytic MSE var(1-abar)/(abar var + 1 - abar). The server could estimate
-               mu and var from x_k alone (mean(x_k)/sqrt(abar), (var(x_k)-(1-abar))/abar).
-    mse/psnr/ssim are means over images for the better (lower measured MSE) estimate.
-    """
-    _check_pair(x0, x_k)
-    a = float(abar_k)
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"abar_k must be in [0, 1], got {abar_k}")
-    x0d, xkd = x0.double(), x_k.double()
-    mu, var = float(x0d.mean()), float(x0d.var(unbiased=False))
-    denom = a * var + 1 - a  # 0 only for abar = 1 with constant images: then x_k = x0 = mu
-    gain = math.sqrt(a) * var / denom if denom > 0 else 0.0
-    wiener = (mu + gain * (xkd - math.sqrt(a) * mu)).clamp(-1, 1)
-    out = {"abar_k": a, "prior_mean": mu, "prior_var": var,
-           "floor_mse": {"rescale": (1 - a) / a if a > 0 else math.inf,
-                         "wiener": var * (1 - a) / denom if denom > 0 else 0.0}}
-    cands = {"wiener": wiener}
-    if a > 0:  # abar = 0 (pure noise): no rescale estimate exists
-        cands["rescale"] = xkd / math.sqrt(a)
-    measured = {k: float(mse(v, x0d).mean()) for k, v in cands.items()}
-    out["mse_wiener"] = measured["wiener"]
-    out["mse_rescale"] = measured.get("rescale", math.inf)
-    best = min(measured, key=measured.get)
-    out["estimator"] = best
-    out.update(_summary(cands[best], x0d))
-    return out
-
-
 def sampling_disclosure(server_view: Tensor, final: Tensor) -> dict:
     """The CollaFuse paper's measure: similarity of the server's intermediate x_k to the client's
     final sample made from it (lower MSE / higher SSIM = the server saw more of the result)."""

@@ -70,15 +70,26 @@ def write_ranks(writer, name, everyone):
 
 def finish(writer, name, everyone, cfg, pooled: dict):
     write_ranks(writer, name, everyone)
+    from .privacy import pool, summary_line
     metrics = {f"client_{r['rank'] - 1}": r["metrics"] for r in everyone if r["role"] == "client"}
     if pooled:
         metrics["pooled"] = {"kid": pooled}
+    attacked = {i: m["privacy"] for i, m in metrics.items() if "privacy" in m}
+    headline = {}
+    if attacked:
+        privacy = pool(attacked)
+        if everyone[0].get("privacy_cost"):
+            privacy["cost"] = everyone[0]["privacy_cost"]
+        metrics.setdefault("pooled", {})["privacy"] = privacy
+        headline = {f"disclosure_{k}": v for k, v in privacy.get("headline", {}).items()}
     writer.write_group(name, "metrics", metrics)
     writer.write_group(name, "samples", {f"client_{r['rank'] - 1}": r["samples"]
                                          for r in everyone if r["role"] == "client"})
-    writer.update_run(name, status="complete", end_time=_now(),
+    writer.update_run(name, status="complete", end_time=_now(), **headline,
                       hosts=[r["host"] for r in everyone],
                       rank_device_map=[r["device"] for r in everyone])
     # printed even with --quiet: a job's log must say where its results went
+    if attacked:
+        print(f"collafuse_mpi: {summary_line(metrics['pooled']['privacy'])}", flush=True)
     print(f"collafuse_mpi: results in {os.path.abspath(cfg.run.output)} (run {name})\n"
           f"  plot them with: collafuse-plot {cfg.run.output}", flush=True)

@@ -33,11 +33,9 @@ def check(cfg, tp) -> None:
     if tp.rank == 0:
         try:
             cfgmod.validate(cfg, tp.size)
-            from .data import count_images
+            from .data import private_count
             n_clients = tp.size - 1
-            n = count_images(cfg.data)
-            if cfg.data.max_images:
-                n = min(n, cfg.data.max_images)
+            n = private_count(cfg)  # what is left for the clients after the public carve
             if n < 2 * n_clients:
                 raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
                                   "(each needs at least one training and one held-out image)")
@@ -83,7 +81,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     flush_every = cfg.run.flush_every if any(k < cfg.diffusion.timesteps for k in ks) else 0
     flush = Flusher(tp, timer, mine, writer, run_name, flush_every)
     if tp.rank == 0:
-        _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step)
+        mine["privacy_cost"] = _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step)
     else:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
@@ -169,8 +167,14 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
     bar.close()
     with timer.window("sample"):
         server.serve_samples()
+    from .privacy import phase
+    names, cost = phase.active(cfg, ks), None
+    if names:
+        with timer.window("privacy"):
+            cost = phase.server_side(cfg, tp, server, names)
     if server.learner is not None:
         _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer)
+    return cost
 
 
 def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
@@ -190,6 +194,13 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
         mine["metrics"] = evaluate_client(client, final, view)
         if cfg.run.pooled_kid:
             mine["features"] = client_features(client, final)
+    from .privacy import phase
+    names = phase.active(cfg, ks)
+    if names:
+        with timer.window("privacy"):
+            result = phase.client_side(cfg, tp, client, final, names)
+        if result is not None:
+            mine["metrics"]["privacy"] = result
     mine["samples"] = client.sample_arrays(final, view)
     mine["n_train"], mine["n_heldout"] = len(data.train), len(data.heldout)
     state = {"samples": final.cpu(), "k": client.k}

@@ -70,15 +70,16 @@ def client_target(sched, x0, k: int, gen: torch.Generator):
     return q_sample(sched, x0, t, eps), t, eps
 
 
-def server_message(sched, x0, k: int, gen: torch.Generator):
+def server_message(sched, x0, k: int, gen: torch.Generator, eps_c=None):
     """What a client sends the server for one batch: (x_t, t, eps_s). Needs k < T.
 
     eps_c, the noise that makes the cut image x_k, stays here: the server can recover x_k
-    from the message but nothing closer to x0.
+    from the message but nothing closer to x0. None draws a fresh one from gen.
     """
     n = x0.shape[0]
     kk = torch.full((n,), k, dtype=torch.long)
-    eps_c = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+    if eps_c is None:
+        eps_c = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
     x_k = q_sample(sched, x0, kk, eps_c)
     t = uniform_t(k + 1, sched.T, n, gen)
     eps_s = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
@@ -128,15 +129,37 @@ def ddpm_step(sched, x_t, t: int, k: int, eps_hat, gen: torch.Generator, clip):
     return mean + math.sqrt(var) * noise
 
 
-def ddim_step(sched, x_t, t: int, t_next: int, k: int, eps_hat, clip):
-    """Deterministic DDIM step (eta = 0) from t to t_next >= k on the chain anchored at k."""
+def ddim_sigma2(sched, t: int, t_next: int, k: int, eta: float) -> float:
+    """DDIM step variance (Song et al. 2020, eq. 16) on the chain anchored at k, g in place of abar:
+    sigma^2 = eta^2 (1 - g_next) / (1 - g_t) (1 - g_t / g_next). At eta = 1 and t_next = t - 1
+    it is the DDPM posterior variance beta_t (1 - g_{t-1}) / (1 - g_t)."""
+    g_t = (sched.abar[t] / sched.abar[k]).item()
+    g_next = (sched.abar[t_next] / sched.abar[k]).item()
+    return eta * eta * (1 - g_next) / (1 - g_t) * (1 - g_t / g_next)
+
+
+def ddim_step(sched, x_t, t: int, t_next: int, k: int, eps_hat, clip, eta: float = 0.0,
+              gen: torch.Generator | None = None):
+    """DDIM step from t to t_next >= k on the chain anchored at k.
+
+    eta = 0 (default): deterministic, draws nothing. eta > 0: adds sigma z with z from gen and
+    shrinks the eps direction to sqrt(1 - g_next - sigma^2), so q(x_next | x_k) is kept.
+    Into the cut (t_next == k) it returns the predicted x_k with no noise, for any eta.
+    """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"ddim eta must be in [0, 1], got {eta}")
     g_t = (sched.abar[t] / sched.abar[k]).item()
     g_next = (sched.abar[t_next] / sched.abar[k]).item()
     x_anchor = (x_t - math.sqrt(1 - g_t) * eps_hat) / math.sqrt(g_t)
     x_anchor = _clamp(x_anchor, clip)
     if t_next == k:
         return x_anchor
-    return math.sqrt(g_next) * x_anchor + math.sqrt(1 - g_next) * eps_hat
+    if eta == 0:
+        return math.sqrt(g_next) * x_anchor + math.sqrt(1 - g_next) * eps_hat
+    var = ddim_sigma2(sched, t, t_next, k, eta)
+    noise = torch.randn(x_t.shape, generator=gen, dtype=x_t.dtype).to(x_t.device)
+    return (math.sqrt(g_next) * x_anchor + math.sqrt(max(1 - g_next - var, 0.0)) * eps_hat
+            + math.sqrt(var) * noise)
 
 
 def ddim_timesteps(T: int, k: int, steps: int) -> list[int]:
@@ -165,14 +188,16 @@ def side_steps(T: int, k: int, sampler: str, steps: int, side: str) -> list[tupl
 
 
 @torch.no_grad()
-def run_chain(sched, model_fn, x, k: int, pairs, sampler: str, gen: torch.Generator, clip):
+def run_chain(sched, model_fn, x, k: int, pairs, sampler: str, gen: torch.Generator, clip,
+              eta: float = 0.0):
     """Apply a side's steps to x. model_fn(x, t_tensor) -> eps_hat. clip: False, True ([-1, 1])
-    or a bound for the predicted anchor (see anchor_bound)."""
+    or a bound for the predicted anchor (see anchor_bound). eta: DDIM stochasticity (0 keeps
+    the deterministic sampler; ignored by ddpm)."""
     for t, t_next in pairs:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps_hat = model_fn(x, tt)
         if sampler == "ddpm":
             x = ddpm_step(sched, x, t, k, eps_hat, gen, clip)
         else:
-            x = ddim_step(sched, x, t, t_next, k, eps_hat, clip)
+            x = ddim_step(sched, x, t, t_next, k, eps_hat, clip, eta, gen)
     return x

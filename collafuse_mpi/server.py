@@ -25,6 +25,9 @@ class Server:
         self._fused = None  # the fused batch buffer (rows = images of all senders)
         self._fused_layout = (0, 0, None)  # its rows, width, dtype: plain values, so no tensor query per message
         self._landings = {}  # (start, rows) -> Landing on those rows of the fused buffer
+        from .privacy.views import ViewLog
+        self.views = ViewLog(self.sched, cfg.privacy.max_views)  # what the attack suite works on
+        self.sample_views = {}  # client -> the x_k this server generated and sent it
         if self.senders:
             model = seeded(derive_seed(cfg.run.seed, 0, "init"),
                            lambda: UNet(c, cfg.model.preset, True, cfg.model.dropout)).to(device)
@@ -56,7 +59,7 @@ class Server:
             land = self._landings[(start, n)] = comm.Landing(self._fused[start:start + n])
         return land
 
-    def receive_step(self):
+    def receive_step(self, step: int):
         """One batch from each sending client, received by MPI straight into its rows of one
         fused batch, in client order (deterministic)."""
         counts, ks = [], []
@@ -70,6 +73,12 @@ class Server:
             ks.append(info["meta"])
         fused = self._fused[:sum(counts)]
         x_t, eps_s, t = unpack_train(fused, self.image_shape)  # views of the fused rows
+        with self.timer.phase("metrics"):  # keep what arrived: the attack suite runs on it later
+            start = 0
+            for i, n, k_i in zip(self.senders, counts, ks):
+                rows = slice(start, start + n)
+                self.views.add(i, step, x_t[rows], t[rows].cpu(), k_i, eps_s[rows])
+                start += n
         k = torch.repeat_interleave(torch.tensor(ks), torch.tensor(counts)).to(self.device)
         return x_t, t, k, eps_s
 
@@ -81,7 +90,7 @@ class Server:
             timer.start_step(step, step < self.cfg.train.warmup_steps)
             fault_point(0, step)
             try:
-                x_t, t, k, eps_s = self.receive_step()
+                x_t, t, k, eps_s = self.receive_step(step)
             except InterruptedError:  # preempted while a client had already stopped: nothing
                 after_step(self.cfg, 0, step - 1, timer, self.state_dict)  # of this step ran yet
                 raise
@@ -109,6 +118,8 @@ class Server:
             pairs = schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")
             with self.timer.phase("sample"):
                 x = schedule.run_chain(self.sched, lambda x, t: model(x, t, kk), x, k, pairs,
-                                       d.sampler, gen, clip=schedule.anchor_bound(self.sched, k))
+                                       d.sampler, gen, clip=schedule.anchor_bound(self.sched, k),
+                                       eta=self.cfg.sample.eta)
             with self.timer.phase("send"):
                 self.tp.send(i + 1, comm.CUT, i, -1, x.contiguous(), meta=k)
+            self.sample_views[i] = x.float().cpu()

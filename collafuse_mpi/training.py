@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-PURPOSES = {"init": 0, "data": 1, "noise": 2, "sample": 3, "metrics": 4}
+PURPOSES = {"init": 0, "data": 1, "noise": 2, "sample": 3, "metrics": 4, "cut_noise": 5, "privacy": 6}
 
 
 def derive_seed(run_seed: int, rank: int, purpose: str, extra: int = 0) -> int:

@@ -9,7 +9,7 @@ import pytest
 from collafuse_mpi import config
 
 TINY = ["--steps", "4", "--batch-size", "4", "--timesteps", "10", "--sample-steps", "4",
-        "--samples-per-client", "4", "--quiet"]
+        "--samples-per-client", "4", "--quiet", "--set", "privacy.attacks=quick"]
 
 
 def mpirun_prefix(n: int) -> list:
@@ -41,4 +41,5 @@ def tiny_config(output) -> config.Config:
     cfg.diffusion.timesteps, cfg.diffusion.sample_steps = 10, 4
     cfg.sample.samples_per_client = 4
     cfg.run.output, cfg.run.quiet = str(output), True
+    cfg.privacy.attacks = "quick"
     return cfg

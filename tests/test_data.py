@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from collafuse_mpi.config import Config, DataConfig
-from collafuse_mpi.data import (Batches, DataError, client_data, count_images, load_images,
+from collafuse_mpi.data import (Batches, DataError, client_data, count_images, load_images, split_aux,
                                 partition)
 
 
@@ -273,7 +273,9 @@ def test_client_data_split_and_reproducible():
         assert len(d.train_labels) == len(d.train)
         assert d.heldout.shape[0] == len(d.heldout_labels) == len(d.heldout_index)
         all_idx += list(d.train_index) + list(d.heldout_index)
-    assert sorted(all_idx) == list(range(1797))  # clients disjoint and covering
+    aux, private = split_aux(1797, cfg.privacy.aux_fraction, cfg.run.seed)
+    assert len(aux) == int(0.1 * 1797) and not set(aux) & set(all_idx)  # the public share is nobody's
+    assert sorted(all_idx) == list(private)  # clients disjoint and covering the rest
     x, y = load_images(cfg.data)
     assert np.array_equal(data[1].train, x[data[1].train_index])
     assert np.array_equal(data[1].heldout_labels, y[data[1].heldout_index])

@@ -29,7 +29,7 @@ def test_receive_step_fuses_client_batches_in_order_and_regrows(tmp_path):
             x, e, t = _batch(n, shape, 10 * step + client, 1 + client)
             tps[client + 1].isend(0, comm.TRAIN, client, step, pack_train(x, e, t), meta=ks[client])
             sent.append((x, e, t, torch.full((n,), ks[client])))
-        x_t, t, k, eps = server.receive_step()
+        x_t, t, k, eps = server.receive_step(0)
         assert torch.equal(x_t, torch.cat([s[0] for s in sent]))
         assert torch.equal(eps, torch.cat([s[1] for s in sent]))
         assert torch.equal(t, torch.cat([s[2] for s in sent]))

@@ -1,7 +1,7 @@
 """`collafuse-plot`: figures from one or more CollaFuse results files.
 
     collafuse-plot results.h5 [more.h5 ...] [-o figures/] [--format png,pdf]
-                   [--only phases,timeline,energy,kid,disclosure,bytes,samples,scaling]
+                   [--only disclosure,phases,timeline,energy,kid,bytes,samples,scaling]
                    [--timeline-steps FIRST:LAST]
 
 Files are read with `collafuse_mpi.results.read` (h5py + numpy; layout in
@@ -10,7 +10,7 @@ docs/results-schema.md). Runs from every file are merged and grouped by configur
 run of each group. This package never imports torch or mpi4py: it runs on a login node.
 
 Modules: runs (reading and grouping runs), style (figure helpers), timing (phases, timeline,
-energy), quality (KID, disclosure, samples), traffic (bytes, scaling), cli (the command).
+energy), privacy (disclosure), quality (KID, samples), traffic (bytes, scaling), cli (the command).
 
 Exit status:
   0  at least one figure was written (figures whose data were missing are named on stderr)
@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 from .cli import DRAW, cli, main, save  # noqa: E402
-from .quality import (POOLED_STYLE, SAMPLE_KINDS, fig_disclosure, fig_kid, fig_samples,  # noqa: E402
-                      kid_data, sample_panels, tile)
+from .privacy import fig_disclosure  # noqa: E402
+from .quality import POOLED_STYLE, SAMPLE_KINDS, fig_kid, fig_samples, kid_data, sample_panels, tile  # noqa: E402
 from .runs import (DEFAULT_PHASES, DPI, FIGURES, FORMATS, IGNORED_CONFIG, MAX_PANELS, PROG,  # noqa: E402
                    Ctx, Missing, Run, config_differences, config_label, load, n_steps, steady)
 from .style import (OTHER_COLOR, PHASE_COLORS, cut_axis, empty_message, footnote,  # noqa: E402

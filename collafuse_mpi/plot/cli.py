@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .quality import fig_disclosure, fig_kid, fig_samples
+from .privacy import fig_disclosure
+from .quality import fig_kid, fig_samples
 from .runs import DPI, FIGURES, FORMATS, PROG, Ctx, Missing, config_differences, load
 from .timing import fig_energy, fig_phases, fig_timeline
 from .traffic import fig_bytes, fig_scaling
@@ -61,11 +62,11 @@ def cli(files, output_dir, formats, only, timeline_steps):
 
     \b
     Figures (FIG.png / FIG.pdf under DIR):
+      disclosure  what the attacks recover against cut, with the analytic bounds
       phases      median seconds per step per phase, per rank
       timeline    phases across ranks for a few steps
       energy      energy per rank and per image against cut
       kid         KID against cut: per client, their mean, pooled (kid-<feature set>; one file per set)
-      disclosure  training and sampling disclosure against cut
       bytes       bytes per step and achieved bandwidth per message kind
       samples     image grids per client: real (if stored), generated, server view (samples-cut<c>-n<N>)
       scaling     throughput and server wait fraction against number of clients

@@ -1,4 +1,4 @@
-"""Figures of what the clients produce and disclose: KID, disclosure, sample grids."""
+"""Figures of what the clients produce: KID and sample grids."""
 from __future__ import annotations
 
 import math
@@ -166,89 +166,6 @@ def _series_legend(ns, colors, styles) -> list:
 
 def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
-
-
-# ----------------------------------------------------------------------------- disclosure
-
-def fig_disclosure(ctx: Ctx):
-    td, sd, none = [], [], []
-    for run in ctx.runs:
-        for i in range(run.n_clients):
-            m = run.metrics(i)
-            t, s = m.get("training_disclosure"), m.get("sampling_disclosure")
-            if isinstance(t, dict) and _finite(t.get("mse")):
-                floor = t.get("floor_mse", {})
-                est = t.get("estimator", "")
-                td.append((run, i, float(t["mse"]), _num(floor.get(est)) if isinstance(floor, dict) else np.nan, est))
-            if isinstance(s, dict) and _finite(s.get("mse")):
-                sd.append((run, i, float(s["mse"]), _num(s.get("ssim"))))
-            if not isinstance(t, dict) and not isinstance(s, dict):
-                none.append((run, i + 1, "client"))
-    if not td and not sd:
-        raise Missing("no disclosure metrics (metrics/client_<i>/training_disclosure or sampling_disclosure) in "
-                      "any run; clients with cut 1 send nothing to the server and have none")
-    colors = ctx.n_colors()
-    ns = sorted({it[0].n_clients for it in td + sd})
-    fig = new_figure(14.0, 4.6)
-    axes = fig.subplots(1, 3)
-
-    def draw(ax, items, col, ls="-", clients=True):
-        for j, n in enumerate(ns):
-            off = _jitter(j, len(ns), 0.02)
-            sel = [it for it in items if it[0].n_clients == n]
-            if not sel:
-                continue
-            if clients:
-                xs = np.array([it[0].client_cut(it[1]) + off + _jitter(it[1], n, 0.006) for it in sel])
-                ax.scatter(xs, [it[col] for it in sel], s=14, color=colors[n], alpha=0.45)
-            by = {}
-            for it in sel:
-                by.setdefault(round(it[0].client_cut(it[1]), 6), []).append(it[col])
-            cx = np.array(sorted(by))
-            ax.plot(cx + off, [np.nanmean(by[c]) for c in cx], ls, marker="D" if clients else None,
-                    color=colors[n], lw=1.5, ms=5)
-
-    if td:
-        draw(axes[0], td, 2)
-        draw(axes[0], td, 3, ls="--", clients=False)
-        axes[0].set_ylim(bottom=0)
-    else:
-        empty_message(axes[0], "no training disclosure in any run")
-    axes[0].set_ylabel("MSE per pixel (images in [-1, 1])")
-    axes[0].set_title("Training: server's best linear reconstruction\nof x0 from x_k (lower = more disclosed)",
-                      fontsize=9.5)
-    for ax, col, ylabel, title in ((axes[1], 2, "MSE per pixel (images in [-1, 1])",
-                                    "Sampling: server view vs final sample,\nMSE (lower = more disclosed)"),
-                                   (axes[2], 3, "SSIM (dimensionless, 1 = identical)",
-                                    "Sampling: server view vs final sample,\nSSIM (higher = more disclosed)")):
-        if sd:
-            draw(ax, sd, col)
-        else:
-            empty_message(ax, "no sampling disclosure in any run")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9.5)
-    for ax in axes:
-        ax.ticklabel_format(axis="y", useOffset=False)
-        if ax.has_data():
-            cut_axis(ax)
-    styles = [Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none", label="each client"),
-              Line2D([], [], color="0.3", marker="D", ms=5, linestyle="-", label="mean over clients")]
-    if td:
-        styles.append(Line2D([], [], color="0.3", linestyle="--",
-                             label="training: analytic MSE of that estimator (floor_mse), mean"))
-    fig.legend(handles=_series_legend(ns, colors, styles), loc="outside lower center", ncols=3 + len(ns),
-               fontsize=8)
-    fig.suptitle("Disclosure against cut ratio", fontsize=11)
-    notes = []
-    if none:
-        notes.append("No disclosure metrics (nothing sent to the server, cut 1) for " + _summarize(none, ctx) + ".")
-    ests = sorted({it[4] for it in td})
-    if ests:
-        notes.append(f"Training: MSE of the better of the rescale and Wiener estimates (chosen here: "
-                     f"{', '.join(ests)}), on the client's last training batch; dashed: that estimator's analytic "
-                     "MSE. Both are linear per-pixel attacks: what the server can learn at least, not at most.")
-    footnote(fig, notes)
-    return [("disclosure", fig)]
 
 
 # ----------------------------------------------------------------------------- samples
