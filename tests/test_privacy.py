@@ -92,8 +92,8 @@ def test_per_image_cut_noise_sends_one_view_per_image_and_linking_gains_nothing(
     by = _views_by_image(rec, schedule.Schedule(T, "cosine"))
     repeated = [v for v in by.values() if len(v) > 1]
     assert repeated  # 12 steps over ~14 images per client: images come back
-    for views in repeated:  # the same x_k each time, up to float32 rounding of the message
-        assert max(np.abs(v - views[0]).max() for v in views) < 1e-5
+    for views in repeated:  # the same x_k each time, up to float32 rounding of the message (1/sqrt(g) amplifies it)
+        assert max(np.abs(v - views[0]).max() for v in views) < 1e-4
     run = next(iter(results.read(out)["runs"].values()))
     for c in (0, 1):
         pr = run["metrics"][f"client_{c}"]["privacy"]
