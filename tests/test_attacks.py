@@ -147,3 +147,18 @@ def test_pool_weights_by_views_and_names_the_strongest_attack():
     assert out["reconstruction"]["linear"]["psnr"] == pytest.approx((20 * 300 + 10 * 100) / 400)
     assert out["headline"]["attack"] == "multiview_linear"
     assert strongest(per["client_1"])[0] == "multiview_linear"
+
+
+def test_privacy_config_names_the_attacks_and_refuses_unknown_ones():
+    from collafuse_mpi import config
+    cfg = config.Config()
+    assert config.attack_set(cfg) == config.ATTACKS
+    cfg.privacy.attacks = "quick"
+    assert "learned" not in config.attack_set(cfg) and "linear" in config.attack_set(cfg)
+    cfg.privacy.attacks = "reid, linear"
+    assert config.attack_set(cfg) == ("linear", "reid")  # the suite's order
+    for field, bad in (("attacks", "linear,telepathy"), ("cut_noise", "sometimes"), ("aux_fraction", 0.7)):
+        cfg = config.Config()
+        setattr(cfg.privacy, field, bad)
+        with pytest.raises(config.ConfigError, match=f"privacy.{field}"):
+            config.validate(cfg)

@@ -10,7 +10,7 @@ import torch
 from .gaussian import LinearPrior, linked_abar, rescale_linked
 from .linking import link, linked_means
 
-RECONSTRUCTIONS = ("scalar", "linear", "public_linear", "learned")  # single-view estimators
+TOP = 0.9999  # the learned attacker's highest noise level; above it a view is x0 to float precision
 
 
 class Clock:
@@ -36,8 +36,8 @@ def train_attacker(cfg, aux: torch.Tensor, abars: list[float], clock: Clock):
     """The learned attacker: a denoiser trained on public images over the noise levels it will
     meet (single views at the clients' cuts up to views linked across the whole run)."""
     from .learned import train_denoiser
-    lo = max(min(abars), 1e-4)
-    hi = min(max(linked_abar(a, 64) for a in abars), 0.9999)
+    lo = min(max(min(abars), 1e-4), TOP)
+    hi = min(max(linked_abar(a, 64) for a in abars), TOP)
     with clock("learned_training"):
         model, cost = train_denoiser(aux, lo, max(hi, lo), cfg.privacy.learned_steps, 64, 2e-3,
                                      cfg.run.seed)
@@ -51,7 +51,7 @@ def _estimators(names, views_prior, scalar_prior, public_prior, learned):
         out["public_linear"] = lambda y, a: public_prior.estimate(y, a)
     if learned is not None:
         from .learned import reconstruct
-        out["learned"] = lambda y, a: reconstruct(learned, y.float(), a)
+        out["learned"] = lambda y, a: reconstruct(learned, y.float(), torch.as_tensor(a).clamp(max=TOP))
     return out
 
 
@@ -66,10 +66,11 @@ def server_attacks(cfg, sched, log, sample_views: dict, names: tuple, aux: torch
     else:
         with clock("public_linear"):
             public_prior = LinearPrior.from_images(aux)
-        if "learned" in names:
-            abars = [float(sched.abar[log.k[c]]) for c in log.clients()]
-            if abars:
-                learned, learned_cost = train_attacker(cfg, aux, abars, clock)
+        abars = [float(sched.abar[log.k[c]]) for c in log.clients()]
+        if "learned" in names and abars and min(abars) >= TOP:
+            skipped["learned"] = "nothing to learn: at k = 0 every view is the image itself"
+        elif "learned" in names and abars:
+            learned, learned_cost = train_attacker(cfg, aux, abars, clock)
     packages = {}
     for c in log.clients():
         views, steps = log.of(c)
@@ -104,7 +105,7 @@ def server_attacks(cfg, sched, log, sample_views: dict, names: tuple, aux: torch
         packages[c] = pkg
     cost = {n: {"seconds": w, "cpu_seconds": cpu} for n, (w, cpu) in clock.seconds.items()}
     if learned_cost:
-        cost["learned_training"].update({k: v for k, v in learned_cost.items() if k not in ("seconds",)})
+        cost["learned_training"].update({k: v for k, v in learned_cost.items() if k not in ("wall_s", "cpu_s")})
     return packages, cost
 
 

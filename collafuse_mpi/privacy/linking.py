@@ -42,13 +42,12 @@ def link(views: torch.Tensor, steps: torch.Tensor, a: float, z: float, limit: in
         d2[steps[lo:lo + CHUNK, None] == steps[None]] = math.inf  # same step: never the same image
         k = min(limit, n)
         val, idx = torch.topk(d2, k, dim=1, largest=False)
-        for r in range(blk.shape[0]):
-            dup = val[r] < dup_tol
-            keep = idx[r][dup] if bool(dup.any()) else idx[r][val[r] < tau]
-            flat.append(keep)
-            counts.append(len(keep))
+        dup = val < dup_tol
+        keep = torch.where(dup.any(1, keepdim=True), dup, val < tau)
+        flat.append(idx[keep])  # row by row, nearest first
+        counts.append(keep.sum(1))
     offsets = torch.zeros(n + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
+    offsets[1:] = torch.cumsum(torch.cat(counts), 0)
     return (torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)), offsets
 
 
