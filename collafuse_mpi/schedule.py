@@ -156,6 +156,8 @@ def ddim_step(sched, x_t, t: int, t_next: int, k: int, eps_hat, clip, eta: float
         return x_anchor
     if eta == 0:
         return math.sqrt(g_next) * x_anchor + math.sqrt(1 - g_next) * eps_hat
+    if gen is None:
+        raise ValueError("ddim with eta > 0 needs a generator for its noise")
     var = ddim_sigma2(sched, t, t_next, k, eta)
     noise = torch.randn(x_t.shape, generator=gen, dtype=x_t.dtype).to(x_t.device)
     return (math.sqrt(g_next) * x_anchor + math.sqrt(max(1 - g_next - var, 0.0)) * eps_hat

@@ -603,6 +603,8 @@ def test_ddim_eta_out_of_range_is_refused():
     for eta in (-0.1, 1.5):
         with pytest.raises(ValueError, match="eta"):
             ddim_step(sched, x, 10, 5, 0, x, False, eta, gen(0))
+    with pytest.raises(ValueError, match="generator"):   # never the global RNG by accident
+        ddim_step(sched, x, 10, 5, 0, x, False, 0.5)
 
 
 @pytest.mark.parametrize("kind,T,k", [("linear", 20, 0), ("cosine", 100, 40), ("cosine", 1000, 700)])
