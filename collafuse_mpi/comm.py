@@ -37,6 +37,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
 _DTYPE_INDEX = {d: i for i, d in enumerate(DTYPES)}
 _LAYOUT = slice(24, 88)  # the header's dtype, ndim and shape: what decides where a payload can land
+GATHER_TAG, BCAST_TAG, CLOCK_TAG = 100, 101, 90  # tags of the collectives (kinds use 2..9)
 
 
 def header_bytes(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> bytes:
@@ -176,15 +177,28 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
         pause = min(pause * 2, 1e-3)
 
 
-class Handle:
-    """A send in flight; keeps its buffers alive until it completes."""
+def late(rank: int, peers, what: str, timeout: float) -> str:
+    """The deadline's message: who waited, on whom, in which wait."""
+    names = ", ".join(map(str, sorted(peers)))
+    return (f"rank {rank}: no answer from rank {names} within {timeout:g} s {what} "
+            "(peer hung, stopped or too slow; see --set run.recv_timeout)")
 
-    def __init__(self, requests, keep, interrupt=None, nbytes=0):
+
+class Handle:
+    """A send in flight; keeps its buffers alive until it completes. Its wait has the receive
+    deadline: a receiver that stopped (SIGSTOP, a hung node) never completes a large send."""
+
+    def __init__(self, requests, keep, interrupt=None, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0):
         self.requests, self.keep, self.interrupt = requests, keep, interrupt
         self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
+        self.timeout, self.rank, self.dest, self.kind = timeout, rank, dest, kind
+
+    def _late(self) -> str:
+        return late(self.rank, [self.dest], f"while sending it a {KIND_NAMES.get(self.kind, self.kind)} message",
+                    self.timeout)
 
     def wait(self):
-        poll(self.test, self.interrupt, what="a send in flight to complete", spin=self.spin)
+        poll(self.test, self.interrupt, self.timeout, self._late, "a send in flight to complete", self.spin)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
@@ -285,7 +299,7 @@ class MPITransport:
         if nbytes:
             reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
-        return Handle(reqs, (header, wire), self.interrupt, nbytes)
+        return Handle(reqs, (header, wire), self.interrupt, nbytes, self.timeout, self.rank, dest, kind)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -399,32 +413,75 @@ class MPITransport:
                                          not direct, reuse or target is not None)
         return out, buf, nbytes, direct, bad
 
-    def barrier(self):
-        self.comm.Barrier()
+    # Collectives, built on point-to-point messages so that every wait has the deadline and its
+    # message names the ranks that did not answer (a blocking MPI collective waits forever on a
+    # stopped peer). Objects are pickled: these run a few times per run, never per step.
 
-    def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+    def _wait_all(self, requests: dict, what: str) -> None:
+        """Wait for sends in flight {peer: request}; on the deadline name the peers still pending."""
+        pending = dict(requests)
 
-    def gather_obj(self, obj, root=0):
-        return self.comm.gather(obj, root=root)
+        def done():
+            for peer in [p for p, req in pending.items() if req.Test()]:
+                del pending[peer]
+            return not pending
+        poll(done, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what)
 
-    def allreduce_max(self, value: float) -> float:
-        return self.comm.allreduce(value, op=self.MPI.MAX)
+    def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
+        if self.rank != root:
+            self._wait_all({root: self.comm.isend(obj, dest=root, tag=GATHER_TAG)}, what)
+            return None
+        out, pending = [None] * self.size, set(range(self.size)) - {root}
+        out[root] = obj
+
+        def arrived():
+            for peer in sorted(pending):
+                msg = self.comm.improbe(source=peer, tag=GATHER_TAG)
+                if msg is not None:
+                    out[peer] = msg.recv()
+                    pending.discard(peer)
+            return not pending
+        poll(arrived, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what)
+        return out
+
+    def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
+        if self.rank == root:
+            self._wait_all({r: self.comm.isend(obj, dest=r, tag=BCAST_TAG)
+                            for r in range(self.size) if r != root}, what)
+            return obj
+        box = []
+
+        def arrived():
+            msg = self.comm.improbe(source=root, tag=BCAST_TAG)
+            if msg is not None:
+                box.append(msg.recv())
+            return bool(box)
+        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what)
+        return box[0]
+
+    def barrier(self, what="at a barrier"):
+        self.gather_obj(None, what=what)
+        self.bcast_obj(None, what=what)
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Offset to add to this rank's perf_counter to get rank 0's (ping-pong, min round trip)."""
         best, offset = float("inf"), 0.0
         buf = np.zeros(1, dtype=np.float64)
+        what = "while measuring clock offsets"
+
+        def exchange(send: bool, peer: int, tag: int):
+            req = self.comm.Isend(buf, peer, tag) if send else self.comm.Irecv(buf, peer, tag)
+            self._wait_all({peer: req}, what)
         for _ in range(rounds):
             for r in range(1, self.size):
                 if self.rank == 0:
-                    self.comm.Recv(buf, source=r, tag=90)
+                    exchange(False, r, CLOCK_TAG)
                     buf[0] = time.perf_counter()
-                    self.comm.Send(buf, dest=r, tag=91)
+                    exchange(True, r, CLOCK_TAG + 1)
                 elif self.rank == r:
                     t0 = time.perf_counter()
-                    self.comm.Send(buf, dest=0, tag=90)
-                    self.comm.Recv(buf, source=0, tag=91)
+                    exchange(True, 0, CLOCK_TAG)
+                    exchange(False, 0, CLOCK_TAG + 1)
                     t1 = time.perf_counter()
                     if t1 - t0 < best:
                         best, offset = t1 - t0, buf[0] - (t0 + t1) / 2

@@ -250,7 +250,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
@@ -262,13 +262,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError naming the first problem. Checks that need no torch and no data."""
     d, m, data, tr, s, r = cfg.diffusion, cfg.model, cfg.data, cfg.train, cfg.sample, cfg.run
     _check(m.preset in MODEL_PRESETS, f"model.preset {m.preset!r} unknown; choose {', '.join(MODEL_PRESETS)}")
-    _check(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
+    _check(is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
     _check(_is_int(d.timesteps) and d.timesteps >= 2, "diffusion.timesteps must be an integer >= 2")
     _check(d.schedule in SCHEDULES, f"diffusion.schedule {d.schedule!r} unknown; choose {', '.join(SCHEDULES)}")
-    _check(_is_number(d.cut) and 0.0 <= d.cut <= 1.0, f"cut must be a number in [0, 1], got {d.cut!r}")
+    _check(is_number(d.cut) and 0.0 <= d.cut <= 1.0, f"cut must be a number in [0, 1], got {d.cut!r}")
     _check(isinstance(d.client_cuts, list), "diffusion.client_cuts must be a list of numbers, one per client")
     for c in d.client_cuts:
-        _check(_is_number(c) and 0.0 <= c <= 1.0, f"client cut must be a number in [0, 1], got {c!r}")
+        _check(is_number(c) and 0.0 <= c <= 1.0, f"client cut must be a number in [0, 1], got {c!r}")
     _check(d.sampler in SAMPLERS, f"diffusion.sampler {d.sampler!r} unknown; choose {', '.join(SAMPLERS)}")
     _check(_is_int(d.sample_steps) and 2 <= d.sample_steps <= d.timesteps,
            "diffusion.sample_steps must be an integer in [2, timesteps]")
@@ -288,14 +288,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"it must be a multiple of {div} and at least 4")
     _check(_is_int(data.channels) and data.channels in (1, 3), "data.channels must be 1 or 3")
     _check(data.partition in PARTITIONS, f"data.partition {data.partition!r} unknown; choose {', '.join(PARTITIONS)}")
-    _check(_is_number(data.alpha) and data.alpha > 0, "data.alpha must be > 0")
-    _check(_is_number(data.holdout) and 0 < data.holdout < 1, "data.holdout must be in (0, 1)")
+    _check(is_number(data.alpha) and data.alpha > 0, "data.alpha must be > 0")
+    _check(is_number(data.holdout) and 0 < data.holdout < 1, "data.holdout must be in (0, 1)")
     _check(_is_int(data.max_images) and data.max_images >= 0, "data.max_images must be >= 0")
     _check(_is_int(tr.steps) and tr.steps >= 1, "train.steps must be >= 1")
     _check(_is_int(tr.batch_size) and tr.batch_size >= 1, "train.batch_size must be >= 1")
-    _check(_is_number(tr.lr) and tr.lr > 0, "train.lr must be > 0")
-    _check(_is_number(tr.ema_decay) and 0 <= tr.ema_decay < 1, "train.ema_decay must be in [0, 1)")
-    _check(_is_number(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip must be >= 0")
+    _check(is_number(tr.lr) and tr.lr > 0, "train.lr must be > 0")
+    _check(is_number(tr.ema_decay) and 0 <= tr.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+    _check(is_number(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip must be >= 0")
     _check(_is_int(tr.max_in_flight) and tr.max_in_flight >= 1, "train.max_in_flight must be >= 1")
     _check(tr.autocast in ("off", "bf16"), f"train.autocast must be off or bf16, not {tr.autocast!r}")
     _check(isinstance(tr.channels_last, bool), "train.channels_last must be true or false")
@@ -309,7 +309,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_int(r.torch_threads) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
     _check(_is_int(r.flush_every) and r.flush_every >= 0, "run.flush_every must be >= 0")
     _check(_is_int(r.checkpoint_every) and r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
-    _check(_is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
+    _check(is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
     _check(bool(r.output), "run.output must be a file path")
     _check(not os.path.isdir(r.output), f"output {r.output} is a folder, not a file")
     out_dir = os.path.dirname(os.path.abspath(r.output))

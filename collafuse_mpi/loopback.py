@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, make_header, parse_header
 
@@ -85,29 +86,28 @@ class LoopbackTransport:
             raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
         return info, target.view(info["shape"]).copy_(payload)
 
-    def barrier(self):
-        self._barrier.wait()
+    def barrier(self, what="at a barrier"):
+        start = time.monotonic()
+        try:
+            self._barrier.wait(timeout=self.timeout)
+        except threading.BrokenBarrierError:
+            if time.monotonic() - start < self.timeout:
+                raise  # a peer failed and broke it
+            raise TimeoutError(f"rank {self.rank}: not every rank arrived within {self.timeout:g} s {what}") from None
 
-    def gather_obj(self, obj, root=0):
+    def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
         self._mail.slots[self.rank] = obj
-        self.barrier()
+        self.barrier(what)
         out = [self._mail.slots[r] for r in range(self.size)] if self.rank == root else None
-        self.barrier()
+        self.barrier(what)
         return out
 
-    def bcast_obj(self, obj, root=0):
+    def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
         if self.rank == root:
             self._mail.slots["bcast"] = obj
-        self.barrier()
+        self.barrier(what)
         out = self._mail.slots["bcast"]
-        self.barrier()
-        return out
-
-    def allreduce_max(self, value: float) -> float:
-        self._mail.slots[("max", self.rank)] = value
-        self.barrier()
-        out = max(self._mail.slots[("max", r)] for r in range(self.size))
-        self.barrier()
+        self.barrier(what)
         return out
 
     def clock_offset(self, rounds: int = 8) -> float:

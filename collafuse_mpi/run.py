@@ -43,7 +43,7 @@ def check(cfg, tp) -> None:
                                   "(each needs at least one training and one held-out image)")
         except (ConfigError, ValueError) as exc:
             problem = str(exc)
-    problem = tp.bcast_obj(problem)
+    problem = tp.bcast_obj(problem, what="waiting for rank 0's check of the config and data")
     if problem:
         if tp.rank == 0:
             print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
@@ -58,9 +58,10 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     from .harness import PhaseTimer
     from .training import pick_device, sync_fn
 
+    if cfgmod.is_number(cfg.run.recv_timeout) and cfg.run.recv_timeout > 0:  # else check() refuses it
+        tp.timeout = cfg.run.recv_timeout  # every wait on a peer, from the first one on
     check(cfg, tp)
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
-    tp.timeout = cfg.run.recv_timeout
     torch.set_num_threads(cfg.run.torch_threads)
     n_clients = tp.size - 1
     ks = cfg.cut_steps(n_clients)
@@ -72,7 +73,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     if tp.rank == 0:
         from .report import begin
         writer, run_name = begin(cfg, tp, ks, resume_step)
-    tp.barrier()
+    tp.barrier(what="waiting for rank 0 to open the results file")
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
             "path": tp.path(device), "metrics": {}, "samples": {},
@@ -88,7 +89,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
-    everyone = tp.gather_obj(mine)  # over loopback these are the other roles' own dicts: read only
+    everyone = tp.gather_obj(mine, what="in the final gather of every rank's results")  # over loopback these are the other roles' own dicts: read only
     if tp.rank == 0:
         from .evaluate import pooled_kid
         from .report import finish
@@ -111,7 +112,7 @@ class Flusher:
             return
         with self.timer.phase("io"):
             part = dict(self.mine, arrays=self.timer.arrays(), comm=self.tp.stats.rows(), windows={})
-            everyone = self.tp.gather_obj(part)
+            everyone = self.tp.gather_obj(part, what=f"in the results flush after step {step + 1}")
             if self.tp.rank == 0:
                 from .report import write_ranks
                 write_ranks(self.writer, self.run_name, everyone)
@@ -138,7 +139,7 @@ def find_resume_step(cfg, tp) -> int:
     server_trains = any(k < cfg.diffusion.timesteps for k in ks)  # else rank 0 has nothing to save
     ranks = [r for r in range(tp.size) if r > 0 or server_trains]
     step = checkpoint.latest_complete(cfg, ranks) if tp.rank == 0 else None
-    step = tp.bcast_obj(step)
+    step = tp.bcast_obj(step, what="waiting for rank 0 to pick the checkpoint to resume")
     if not step:
         if tp.rank == 0:
             print(f"collafuse_mpi: error: --resume: no checkpoint completed by all {len(ranks)} training ranks "
