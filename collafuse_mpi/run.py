@@ -58,8 +58,9 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     from .harness import PhaseTimer
     from .training import pick_device, sync_fn
 
-    if cfgmod.is_number(cfg.run.recv_timeout) and cfg.run.recv_timeout > 0:  # else check() refuses it
-        tp.timeout = cfg.run.recv_timeout  # every wait on a peer, from the first one on
+    timeout = cfg.run.recv_timeout
+    if type(timeout) in (int, float) and timeout > 0:  # else check() refuses it
+        tp.timeout = timeout  # every wait on a peer, from the first one on
     check(cfg, tp)
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
     torch.set_num_threads(cfg.run.torch_threads)
