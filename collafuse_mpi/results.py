@@ -33,6 +33,42 @@ def _attr(v):
     return "" if v is None else v
 
 
+LOCK_WAIT_S = 120.0  # how long a writer waits for a file another process holds open (HDF5's lock)
+
+
+def _locked(exc: OSError) -> bool:
+    return isinstance(exc, BlockingIOError) or "unable to lock file" in str(exc)
+
+
+def _being_created(path: str) -> bool:
+    """A file too short to hold an HDF5 superblock, written seconds ago: another process is
+    creating it and has not taken its lock yet."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_size < 2048 and time.time() - st.st_mtime < 5
+
+
+def open_locked(path: str, mode: str) -> h5py.File:
+    """h5py.File(path, mode), waiting while another process holds the file (a reader without
+    locking off, another run appending): fails with that reason, never a false one."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    pause = 0.05
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except OSError as exc:
+            raced = isinstance(exc, FileExistsError) or "errno = 17" in str(exc)  # "a" created it just after another
+            if not (_locked(exc) or raced or _being_created(path)):
+                raise
+            if time.monotonic() > deadline:
+                raise ResultsError(f"{path} is held open by another process (HDF5 file lock) for more than "
+                                   f"{LOCK_WAIT_S:g} s; close it (or end that run) and retry") from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
 class ResultsWriter:
     def __init__(self, path: str, if_exists: str = "fail"):
         self.path = path
@@ -41,24 +77,22 @@ class ResultsWriter:
                 raise ResultsError(f"{path} exists; choose append or overwrite")
             if if_exists == "append":
                 try:
-                    with h5py.File(path, "r") as f:
+                    with open_locked(path, "r") as f:
                         _check_format(f, path)
+                except ResultsError:
+                    raise
                 except OSError:
                     raise ResultsError(f"{path} exists and is not an HDF5 file; refusing to append") from None
-        mode = "a" if if_exists == "append" and os.path.exists(path) else "w"
-        with h5py.File(path, mode) as f:
+        # append creates a missing file under the lock ("a"), so two runs starting at once never
+        # truncate each other's; only overwrite replaces ("w")
+        with open_locked(path, "a" if if_exists == "append" else "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.require_group("runs")
 
     def _open(self):
-        # A reader (the plot command, h5ls) may hold the file for a moment: retry before failing.
-        for attempt in range(20):
-            try:
-                return h5py.File(self.path, "a")
-            except BlockingIOError:
-                time.sleep(0.25)
-        return h5py.File(self.path, "a")
+        # A reader (the plot command, h5ls) or another run may hold the file for a moment.
+        return open_locked(self.path, "a")
 
     def begin_run(self, name: str, config: dict, meta: dict) -> str:
         with self._open() as f:
@@ -141,14 +175,27 @@ def _plain(v):
     return v
 
 
+def _unopenable(path: str, exc: OSError) -> str:
+    """Why h5py cannot open `path`: not HDF5 at all, or HDF5 that is damaged (read() takes no
+    lock, so a running job holding the file is never the reason)."""
+    try:
+        with open(path, "rb") as fh:
+            signed = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        signed = False
+    if not signed:
+        return f"{path} is not an HDF5 file"
+    return f"{path} is an HDF5 file but damaged or truncated (h5py: {str(exc).splitlines()[0][:200]})"
+
+
 def read(path: str) -> dict:
     """{'attrs': {...}, 'runs': {name: {attrs..., 'config': dict, 'ranks': {int: {...}}, ...}}}."""
     try:
         f = h5py.File(path, "r", locking=False)  # never block the run that is writing it
     except FileNotFoundError:
         raise ResultsError(f"{path} does not exist") from None
-    except OSError:
-        raise ResultsError(f"{path} is not an HDF5 file") from None
+    except OSError as exc:
+        raise ResultsError(_unopenable(path, exc)) from None
     with f:
         _check_format(f, path)
         out = {"attrs": {k: _plain(v) for k, v in f.attrs.items()}, "runs": {}}

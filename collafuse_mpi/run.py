@@ -28,8 +28,10 @@ def _log(rank: int, msg: str, file=sys.stderr):
 
 
 def check(cfg, tp) -> None:
-    """Validate on rank 0 (config and data size), then every rank learns the verdict."""
-    problem = None
+    """Validate on rank 0 (config, data size, whose checkpoints), then every rank learns the
+    verdict and the identity its checkpoints carry."""
+    from . import checkpoint
+    problem = ident = None
     if tp.rank == 0:
         try:
             cfgmod.validate(cfg, tp.size)
@@ -41,13 +43,20 @@ def check(cfg, tp) -> None:
             if n < 2 * n_clients:
                 raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
                                   "(each needs at least one training and one held-out image)")
+            if cfg.run.resume:
+                checkpoint.verify(cfg, tp.size)
+            else:
+                checkpoint.claim(cfg, tp.size, overwrite=cfg.run.if_exists == "overwrite")
+            ident = checkpoint.bound(cfg)
         except (ConfigError, ValueError) as exc:
             problem = str(exc)
-    problem = tp.bcast_obj(problem, what="waiting for rank 0's check of the config and data")
+    problem, ident = tp.bcast_obj((problem, ident), what="waiting for rank 0's check of the config and data")
     if problem:
         if tp.rank == 0:
             print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
         raise Abort(2)
+    if ident is not None:
+        checkpoint.bind(cfg, ident)
 
 
 def execute(cfg, tp, progress: bool = False) -> dict:
@@ -74,7 +83,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     if tp.rank == 0:
         from .report import begin
         writer, run_name = begin(cfg, tp, ks, resume_step)
-    tp.barrier(what="waiting for rank 0 to open the results file")
+    run_name = tp.bcast_obj(run_name, what="waiting for rank 0 to open the results file")  # models go under it
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
             "path": tp.path(device), "metrics": {}, "samples": {},
@@ -98,6 +107,8 @@ def execute(cfg, tp, progress: bool = False) -> dict:
             pooled = pooled_kid([r["features"] for r in everyone if "features" in r], cfg.run.seed)
         everyone[0]["windows"] = timer.windows
         finish(writer, run_name, everyone, cfg, pooled)
+        from .checkpoint import mark_complete
+        mark_complete(cfg)
     return mine
 
 
@@ -120,17 +131,23 @@ class Flusher:
                 self.writer.update_run(self.run_name, steps_written=step + 1)
 
 
-def _save(cfg, tp, name: str, obj, timer):
-    """Final models and samples go to run.save_dir (default: next to the results file)."""
+def _save(cfg, tp, name: str, obj, timer, run_name: str):
+    """Final models and samples go to <run.save_dir>/<run name>/ (default save_dir: next to the
+    results file), so runs appended to one file keep their own."""
+    import io
+
     import torch
+
+    from .checkpoint import write_atomic
     if not cfg.run.save_models:
         return
-    folder = cfg.run.save_dir or os.path.splitext(os.path.abspath(cfg.run.output))[0] + "-models"
+    root = cfg.run.save_dir or os.path.splitext(os.path.abspath(cfg.run.output))[0] + "-models"
     with timer.phase("checkpoint"):
+        folder = os.path.join(root, run_name)
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"rank{tp.rank}-{name}.pt")
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        write_atomic(os.path.join(folder, f"rank{tp.rank}-{name}.pt"), buf.getbuffer())
 
 
 def find_resume_step(cfg, tp) -> int:
@@ -172,7 +189,7 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
     with timer.window("sample"):
         server.serve_samples()
     if server.learner is not None:
-        _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer)
+        _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer, flush.run_name)
 
 
 def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
@@ -197,7 +214,7 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
     state = {"samples": final.cpu(), "k": client.k}
     if client.learner is not None:
         state["ema"] = client.learner.ema.model.state_dict()
-    _save(cfg, tp, f"client{index}", state, timer)
+    _save(cfg, tp, f"client{index}", state, timer, flush.run_name)
 
 
 class Progress:
