@@ -77,11 +77,7 @@ def read_identity(cfg) -> dict | None:
 
 
 def _write_identity(root: str, ident: dict) -> None:
-    path = os.path.join(root, IDENTITY)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(ident, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(os.path.join(root, IDENTITY), json.dumps(ident, indent=1, sort_keys=True).encode())
 
 
 def verify(cfg, world_size: int) -> None:
@@ -164,7 +160,7 @@ def save(cfg, rank: int, step: int, state: dict) -> str:
 def write_atomic(path: str, data) -> None:
     """`data` under `path`, never half-written under the final name; on failure (a full disk)
     the partial file is removed and the error names the path."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: ranks may write the same identity at once
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

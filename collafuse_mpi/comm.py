@@ -37,7 +37,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
 _DTYPE_INDEX = {d: i for i, d in enumerate(DTYPES)}
 _LAYOUT = slice(24, 88)  # the header's dtype, ndim and shape: what decides where a payload can land
-GATHER_TAG, BCAST_TAG, CLOCK_TAG = 100, 101, 90  # tags of the collectives (kinds use 2..9)
+GATHER_TAG, BCAST_TAG, CLOCK_TAG, FAIL_TAG = 100, 101, 90, 102  # tags beside the kinds' (2..9)
+FAIL_GRACE_S = 5.0
+
+
+class PeerFailed(RuntimeError):
+    """Another rank reported that it fails (rank 0 learns it while it waits)."""
+
+    def __init__(self, rank: int, text: str):
+        super().__init__(f"rank {rank} failed: {text}")
+        self.rank, self.text = rank, text
 
 
 def header_bytes(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> bytes:
@@ -150,13 +159,14 @@ def _given_up(event) -> bool:
     return time.monotonic() - first > INTERRUPT_GRACE_S
 
 
-def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S):
+def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S, watch=None):
     """Wait until ready() is true, polling so that a preempted rank can stop and a dead peer is
     noticed. After a few polls back to back it spins (yielding the core) for `spin` seconds, long
     enough for a message in flight to land, then sleeps with backoff so an idle rank leaves its
     core to ranks that compute (oversubscribed CPU runs). A sleeping sender notices completion
     late, so for large messages the caller stretches `spin` with the message size. `on_timeout()`
-    gives the error's text (built only then: this runs per message)."""
+    gives the error's text (built only then: this runs per message). `watch()`, called while it
+    sleeps, may raise to end the wait (a peer reported its failure)."""
     for _ in range(TIGHT_POLLS):
         if ready():
             return
@@ -173,6 +183,8 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
             raise InterruptedError(f"interrupted while waiting for {what}")
         if deadline is not None and now > deadline:
             raise TimeoutError(on_timeout() if on_timeout else f"no {what} within {timeout:g} s")
+        if watch is not None:
+            watch()
         time.sleep(pause)
         pause = min(pause * 2, 1e-3)
 
@@ -188,8 +200,8 @@ class Handle:
     """A send in flight; keeps its buffers alive until it completes. Its wait has the receive
     deadline: a receiver that stopped (SIGSTOP, a hung node) never completes a large send."""
 
-    def __init__(self, requests, keep, interrupt=None, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0):
-        self.requests, self.keep, self.interrupt = requests, keep, interrupt
+    def __init__(self, requests, keep, interrupt=None, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0, watch=None):
+        self.requests, self.keep, self.interrupt, self.watch = requests, keep, interrupt, watch
         self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
         self.timeout, self.rank, self.dest, self.kind = timeout, rank, dest, kind
 
@@ -198,7 +210,7 @@ class Handle:
                     self.timeout)
 
     def wait(self):
-        poll(self.test, self.interrupt, self.timeout, self._late, "a send in flight to complete", self.spin)
+        poll(self.test, self.interrupt, self.timeout, self._late, "a send in flight to complete", self.spin, self.watch)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
@@ -266,8 +278,26 @@ class MPITransport:
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
         self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank = local.Get_rank()
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        self.watch = self._peer_failure if self.rank == 0 else None  # rank 0 records who failed
+
+    def report_failure(self, text: str, grace: float = FAIL_GRACE_S) -> None:
+        """Tell rank 0 why this rank fails, so it can record it before the job ends; rank 0
+        ends the job once it has (a rank 0 busy computing for longer than `grace` misses it)."""
+        if self.rank == 0 or self.size < 2:
+            return
+        req = self.comm.isend(text[:4000], dest=0, tag=FAIL_TAG)
+        end = time.monotonic() + grace
+        while time.monotonic() < end:  # rank 0 aborts the job once it has written the record
+            req.Test()
+            time.sleep(0.05)
+
+    def _peer_failure(self) -> None:
+        status = self.MPI.Status()
+        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=FAIL_TAG, status=status):
+            peer = status.Get_source()
+            raise PeerFailed(peer, self.comm.recv(source=peer, tag=FAIL_TAG))
 
     def path(self, device: torch.device) -> str:
         if device.type != "cuda":
@@ -299,7 +329,7 @@ class MPITransport:
         if nbytes:
             reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
-        return Handle(reqs, (header, wire), self.interrupt, nbytes, self.timeout, self.rank, dest, kind)
+        return Handle(reqs, (header, wire), self.interrupt, nbytes, self.timeout, self.rank, dest, kind, self.watch)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -325,7 +355,7 @@ class MPITransport:
         poll(arrived, self.interrupt, self.timeout,
              lambda: (f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank {source} within "
                       f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)"),
-             f"rank {source}")
+             f"rank {source}", watch=self.watch)
 
     def _landing(self, slot, dtype, shape, device: torch.device, pinned: bool, reuse: bool):
         """(tensor, MPI buffer, bytes) where a payload lands: fresh, or with `reuse` the one kept for
@@ -425,7 +455,7 @@ class MPITransport:
             for peer in [p for p, req in pending.items() if req.Test()]:
                 del pending[peer]
             return not pending
-        poll(done, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what)
+        poll(done, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
 
     def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
         if self.rank != root:
@@ -441,7 +471,7 @@ class MPITransport:
                     out[peer] = msg.recv()
                     pending.discard(peer)
             return not pending
-        poll(arrived, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what)
+        poll(arrived, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
         return out
 
     def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
@@ -456,7 +486,7 @@ class MPITransport:
             if msg is not None:
                 box.append(msg.recv())
             return bool(box)
-        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what)
+        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
         return box[0]
 
     def barrier(self, what="at a barrier"):

@@ -39,7 +39,7 @@ class LoopbackTransport:
 
     def __init__(self, rank: int, size: int, mailboxes: _Mailboxes, barrier: threading.Barrier):
         self.rank, self.size, self._mail, self._barrier = rank, size, mailboxes, barrier
-        self.local_rank = rank
+        self.local_rank, self.local_size = rank, size
         self.stats = Stats()
         self.timeout = 600.0
         self._peeked = {}
@@ -109,6 +109,9 @@ class LoopbackTransport:
         out = self._mail.slots["bcast"]
         self.barrier(what)
         return out
+
+    def report_failure(self, text: str) -> None:
+        pass  # the roles are threads of one process: run_loopback() reports the failing one
 
     def clock_offset(self, rounds: int = 8) -> float:
         return 0.0

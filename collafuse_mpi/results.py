@@ -5,6 +5,7 @@ complete, readable file. Layout: docs/results-schema.md.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -69,6 +70,17 @@ def open_locked(path: str, mode: str) -> h5py.File:
         pause = min(pause * 2, 0.5)
 
 
+SPACE_MARGIN = 256 * 1024  # room HDF5 needs beyond the data for an update (metadata, B-trees)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (str, bytes)) or value is None or np.isscalar(value):
+        return 64
+    return int(np.asarray(value).nbytes)
+
+
 class ResultsWriter:
     def __init__(self, path: str, if_exists: str = "fail"):
         self.path = path
@@ -85,14 +97,32 @@ class ResultsWriter:
                     raise ResultsError(f"{path} exists and is not an HDF5 file; refusing to append") from None
         # append creates a missing file under the lock ("a"), so two runs starting at once never
         # truncate each other's; only overwrite replaces ("w")
+        if if_exists == "append" and os.path.exists(path):
+            return  # a results file already, checked above: nothing to write yet
+        self._room()
         with open_locked(path, "a" if if_exists == "append" else "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.require_group("runs")
 
-    def _open(self):
-        # A reader (the plot command, h5ls) or another run may hold the file for a moment.
+    def _open(self, payload=None):
+        """The file for one update, once there is room for it. A full disk met inside HDF5 can
+        leave the file damaged (earlier runs too), so the update is refused before it starts
+        when the free space could not take it. A reader (the plot command) or another run may
+        hold the file for a moment: wait for it."""
+        self._room(payload)
         return open_locked(self.path, "a")
+
+    def _room(self, payload=None):
+        need = SPACE_MARGIN + 2 * _nbytes(payload)
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = need
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device on {self.path} (an update needs about "
+                                        f"{need // 1024} KiB, {free // 1024} KiB free; nothing written)")
 
     def begin_run(self, name: str, config: dict, meta: dict) -> str:
         with self._open() as f:
@@ -114,7 +144,7 @@ class ResultsWriter:
                 f["runs"][name].attrs[k] = _attr(v)
 
     def write_rank(self, name: str, rank: int, arrays: dict, attrs: dict):
-        with self._open() as f:
+        with self._open(arrays) as f:
             ranks = f["runs"][name].require_group("ranks")
             key = str(rank)
             if key in ranks:
@@ -127,7 +157,7 @@ class ResultsWriter:
 
     def write_group(self, name: str, sub: str, data: dict):
         """Nested dicts of arrays/scalars under runs/<name>/<sub> (metrics, samples, comm)."""
-        with self._open() as f:
+        with self._open(data) as f:
             run = f["runs"][name]
             if sub in run:
                 del run[sub]

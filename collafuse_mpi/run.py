@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -43,6 +44,10 @@ def check(cfg, tp) -> None:
             if n < 2 * n_clients:
                 raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
                                   "(each needs at least one training and one held-out image)")
+            from .preflight import memory_problem
+            too_big = memory_problem(cfg, tp.size, getattr(tp, "local_size", tp.size), n)
+            if too_big:
+                raise ConfigError(too_big)
             if cfg.run.resume:
                 checkpoint.verify(cfg, tp.size)
             else:
@@ -84,6 +89,17 @@ def execute(cfg, tp, progress: bool = False) -> dict:
         from .report import begin
         writer, run_name = begin(cfg, tp, ks, resume_step)
     run_name = tp.bcast_obj(run_name, what="waiting for rank 0 to open the results file")  # models go under it
+    try:
+        return _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress)
+    except BaseException as exc:
+        if writer is not None:  # the run group says how it ended, and which rank ended it
+            from .report import record_failure
+            record_failure(writer, run_name, exc)
+        raise
+
+
+def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress) -> dict:
+    from . import energy
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
             "path": tp.path(device), "metrics": {}, "samples": {},
@@ -319,7 +335,8 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
     if help_config:
         click.echo(cfgmod.describe())
         return
-    from .comm import MPITransport
+    from .comm import MPITransport, PeerFailed
+    from .report import failure_text
     from .training import PREEMPTED, Preempted
     signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())  # SLURM preemption: checkpoint, then stop
     tp = None
@@ -361,10 +378,14 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
         raise SystemExit(143) from None
     except BaseException as exc:  # any failure on any rank ends the whole job, now
         rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
-        _log(rank, f"FAILED: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        # a peer's failure was printed by that peer: said once
+        _log(rank, f"ending the job: rank {exc.rank} failed" if isinstance(exc, PeerFailed) else f"FAILED: {failure_text(exc)}")
+        if not (isinstance(exc, (TimeoutError, PeerFailed)) or getattr(exc, "errno", None) == errno.ENOSPC):
+            traceback.print_exc()  # a deadline, a peer's report or a full disk says it all in one line
         sys.stderr.flush()
         if tp is not None and tp.size > 1:
+            if not isinstance(exc, PeerFailed):
+                tp.report_failure(failure_text(exc))  # rank 0 records it in the run group, then ends the job
             tp.abort(1)
         raise SystemExit(1)
 
