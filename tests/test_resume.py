@@ -28,6 +28,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     p = launch(3, [*ARGS, "-o", str(parts), "--append", "--resume", "--run-name", "second"])
     assert p.returncode == 0, p.stderr
     a, b = _run(whole), _run(parts, "second")
+    models = tmp_path / "parts-models"  # one folder per run: runs appended to one file keep their own models
+    assert os.listdir(models) == ["second"]
+    assert sorted(os.listdir(models / "second")) == ["rank0-server.pt", "rank1-client0.pt", "rank2-client1.pt"]
     assert b["resumed_from_step"] == 4
     for rank in range(3):
         assert list(b["ranks"][rank]["step"]) == [4, 5, 6, 7]
