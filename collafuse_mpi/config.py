@@ -133,7 +133,7 @@ class RunConfig:
     torch_threads: int = 1
     """torch intra-op threads per rank."""
     save_dir: str = ""
-    """Folder for final models and samples ('' = next to `output`, named after the run)."""
+    """Folder for final models and samples, one sub-folder per run name ('' = <output>-models)."""
     quiet: bool = False
     """No progress bar."""
     flush_every: int = 25
