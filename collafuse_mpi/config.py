@@ -188,19 +188,27 @@ def _section_classes():
 
 
 def from_dict(data: dict) -> Config:
+    """A Config from nested tables; every unknown section or key is reported at once. Values
+    are taken as given: validate() checks their types and ranges."""
     cfg = Config()
     classes = _section_classes()
+    problems = []
     for section, values in data.items():
         if section not in classes:
-            raise ConfigError(f"unknown config section [{section}]; known: {', '.join(classes)}")
+            problems.append(f"unknown config section [{section}]; known: {', '.join(classes)}")
+            continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section [{section}] must be a table")
+            problems.append(f"config section [{section}] must be a table")
+            continue
         sub = getattr(cfg, section)
         names = {f.name for f in fields(sub)}
         for key, value in values.items():
             if key not in names:
-                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(sorted(names))}")
-            setattr(sub, key, value)
+                problems.append(f"unknown config key {section}.{key}; known: {', '.join(sorted(names))}")
+            else:
+                setattr(sub, key, value)
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 

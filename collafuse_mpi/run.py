@@ -343,14 +343,21 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
     try:
         try:
             cfg = cfgmod.load(config_path)
-            for key, raw in values.items():
-                if raw is not None:
-                    cfgmod.set_value(cfg, key.replace("__", "."), raw)
+            bad = []  # every option that cannot be applied, reported together
+            settings = [(key.replace("__", "."), raw) for key, raw in values.items() if raw is not None]
             for item in overrides:
                 key, sep, raw = item.partition("=")
-                if not sep:
-                    raise ConfigError(f"--set {item!r} must look like section.key=value")
-                cfgmod.set_value(cfg, key.strip(), raw.strip())
+                if sep:
+                    settings.append((key.strip(), raw.strip()))
+                else:
+                    bad.append(f"--set {item!r} must look like section.key=value")
+            for key, raw in settings:
+                try:
+                    cfgmod.set_value(cfg, key, raw)
+                except ConfigError as exc:
+                    bad.extend(exc.problems)
+            if bad:
+                raise ConfigError(bad)
             if if_exists:
                 cfg.run.if_exists = if_exists
             if quiet:

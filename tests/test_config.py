@@ -447,3 +447,9 @@ def test_missing_save_dir_in_a_writable_folder_is_fine(cfg, tmp_path):
     cfg.run.save_dir = str(tmp_path / "new" / "models")
     validate(cfg, 3)
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_toml_unknown_keys_are_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "[diffusion]\ncutt = 0.3\n[train]\nstepz = 3\n[optim]\nlr = 1\n"))
+    assert len(err.value.problems) == 3 and "diffusion.cutt" in str(err.value) and "train.stepz" in str(err.value)
