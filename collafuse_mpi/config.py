@@ -139,7 +139,9 @@ class RunConfig:
     flush_every: int = 25
     """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
     recv_timeout: float = 600.0
-    """Seconds a rank waits for a peer's message before it ends the job naming that peer."""
+    """Seconds a rank waits on a peer (a message, a send in flight, a flush or the final gather)
+    before it ends the job naming that peer; must exceed the longest a peer computes without
+    answering (loading its data, metrics)."""
     checkpoint_every: int = 0
     """Every rank saves model, optimiser, EMA and RNG state every this many steps (0 = never)."""
     checkpoint_dir: str = ""
