@@ -44,7 +44,8 @@ def identity(cfg, world_size: int) -> dict:
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if (section not in NOT_IDENTITY_SECTIONS and name not in NOT_IDENTITY_FIELDS) or name in IDENTITY_RUN_FIELDS:
+            counted = section not in NOT_IDENTITY_SECTIONS and name not in NOT_IDENTITY_FIELDS
+            if counted or name in IDENTITY_RUN_FIELDS:
                 fields[name] = value
     text = json.dumps({"config": fields, "world_size": world_size}, sort_keys=True)
     return {"config": fields, "world_size": world_size, "config_hash": hashlib.sha256(text.encode()).hexdigest()}

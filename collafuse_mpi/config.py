@@ -437,7 +437,8 @@ def output_problems(cfg: Config) -> list[str]:
             out.append(f"output {r.output} exists; pass --append to add a run or --overwrite to replace it")
         if cfg.data.path and os.path.exists(cfg.data.path) and os.path.samefile(r.output, cfg.data.path):
             out.append(f"output {r.output} is the data file the run reads (data.path); choose another --output")
-    for name, folder, used in (("run.save_dir", r.save_dir, r.save_models), ("run.checkpoint_dir", r.checkpoint_dir, True)):
+    for name, folder, used in (("run.save_dir", r.save_dir, r.save_models),
+                               ("run.checkpoint_dir", r.checkpoint_dir, True)):
         why = _writable_folder(folder) if folder and used else ""
         if why:
             out.append(f"{name} {folder} cannot be written: {why}")

@@ -233,7 +233,8 @@ def _npz(cfg: DataConfig):
             lab = _member(z, lab_key, path) if lab_key in z.files else np.full(n, -1)
             if not (np.issubdtype(lab.dtype, np.number) or lab.dtype == np.bool_):
                 raise DataError(f"{path}: {lab_key} holds {lab.dtype} values, not integer class ids")
-            if np.issubdtype(lab.dtype, np.floating) and not (np.isfinite(lab).all() and np.array_equal(lab, np.round(lab))):
+            whole = np.isfinite(lab).all() and np.array_equal(lab, np.round(lab))
+            if np.issubdtype(lab.dtype, np.floating) and not whole:
                 raise DataError(f"{path}: {lab_key} holds float values that are not whole numbers, not class ids")
             if lab.shape[:1] != (n,):
                 raise DataError(f"{path}: {lab_key} has shape {lab.shape} but {img_key} has {n}")

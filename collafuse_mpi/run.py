@@ -115,7 +115,8 @@ def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resum
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
-    everyone = tp.gather_obj(mine, what="in the final gather of every rank's results")  # over loopback these are the other roles' own dicts: read only
+    # over loopback these are the other roles' own dicts: read only
+    everyone = tp.gather_obj(mine, what="in the final gather of every rank's results")
     if tp.rank == 0:
         from .evaluate import pooled_kid
         from .report import finish
