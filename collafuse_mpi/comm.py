@@ -37,6 +37,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
 _DTYPE_INDEX = {d: i for i, d in enumerate(DTYPES)}
 _LAYOUT = slice(24, 88)  # the header's dtype, ndim and shape: what decides where a payload can land
+GATHER_TAG, BCAST_TAG, CLOCK_TAG, FAIL_TAG, SCATTER_TAG = 100, 101, 90, 102, 103  # beside the kinds' (2..9)
+FAIL_GRACE_S = 5.0
+
+
+class PeerFailed(RuntimeError):
+    """Another rank reported that it fails (rank 0 learns it while it waits)."""
+
+    def __init__(self, rank: int, text: str):
+        super().__init__(f"rank {rank} failed: {text}")
+        self.rank, self.text = rank, text
 
 
 def header_bytes(kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> bytes:
@@ -149,13 +159,14 @@ def _given_up(event) -> bool:
     return time.monotonic() - first > INTERRUPT_GRACE_S
 
 
-def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S):
+def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S, watch=None):
     """Wait until ready() is true, polling so that a preempted rank can stop and a dead peer is
     noticed. After a few polls back to back it spins (yielding the core) for `spin` seconds, long
     enough for a message in flight to land, then sleeps with backoff so an idle rank leaves its
     core to ranks that compute (oversubscribed CPU runs). A sleeping sender notices completion
     late, so for large messages the caller stretches `spin` with the message size. `on_timeout()`
-    gives the error's text (built only then: this runs per message)."""
+    gives the error's text (built only then: this runs per message). `watch()`, called while it
+    sleeps, may raise to end the wait (a peer reported its failure)."""
     for _ in range(TIGHT_POLLS):
         if ready():
             return
@@ -172,19 +183,34 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
             raise InterruptedError(f"interrupted while waiting for {what}")
         if deadline is not None and now > deadline:
             raise TimeoutError(on_timeout() if on_timeout else f"no {what} within {timeout:g} s")
+        if watch is not None:
+            watch()
         time.sleep(pause)
         pause = min(pause * 2, 1e-3)
 
 
-class Handle:
-    """A send in flight; keeps its buffers alive until it completes."""
+def late(rank: int, peers, what: str, timeout: float) -> str:
+    """The deadline's message: who waited, on whom, in which wait."""
+    names = ", ".join(map(str, sorted(peers)))
+    return (f"rank {rank}: no answer from rank {names} within {timeout:g} s {what} "
+            "(peer hung, stopped or too slow; see --set run.recv_timeout)")
 
-    def __init__(self, requests, keep, interrupt=None, nbytes=0):
-        self.requests, self.keep, self.interrupt = requests, keep, interrupt
+
+class Handle:
+    """A send in flight; keeps its buffers alive until it completes. Its wait has the receive
+    deadline: a receiver that stopped (SIGSTOP, a hung node) never completes a large send."""
+
+    def __init__(self, requests, keep, interrupt=None, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0, watch=None):
+        self.requests, self.keep, self.interrupt, self.watch = requests, keep, interrupt, watch
         self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
+        self.timeout, self.rank, self.dest, self.kind = timeout, rank, dest, kind
+
+    def _late(self) -> str:
+        return late(self.rank, [self.dest], f"while sending it a {KIND_NAMES.get(self.kind, self.kind)} message",
+                    self.timeout)
 
     def wait(self):
-        poll(self.test, self.interrupt, what="a send in flight to complete", spin=self.spin)
+        poll(self.test, self.interrupt, self.timeout, self._late, "a send in flight to complete", self.spin, self.watch)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
@@ -252,8 +278,26 @@ class MPITransport:
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
         self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank = local.Get_rank()
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        self.watch = self._peer_failure if self.rank == 0 else None  # rank 0 records who failed
+
+    def report_failure(self, text: str, grace: float = FAIL_GRACE_S) -> None:
+        """Tell rank 0 why this rank fails, so it can record it before the job ends; rank 0
+        ends the job once it has (a rank 0 busy computing for longer than `grace` misses it)."""
+        if self.rank == 0 or self.size < 2:
+            return
+        req = self.comm.isend(text[:4000], dest=0, tag=FAIL_TAG)
+        end = time.monotonic() + grace
+        while time.monotonic() < end:  # rank 0 aborts the job once it has written the record
+            req.Test()
+            time.sleep(0.05)
+
+    def _peer_failure(self) -> None:
+        status = self.MPI.Status()
+        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=FAIL_TAG, status=status):
+            peer = status.Get_source()
+            raise PeerFailed(peer, self.comm.recv(source=peer, tag=FAIL_TAG))
 
     def path(self, device: torch.device) -> str:
         if device.type != "cuda":
@@ -285,7 +329,7 @@ class MPITransport:
         if nbytes:
             reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
-        return Handle(reqs, (header, wire), self.interrupt, nbytes)
+        return Handle(reqs, (header, wire), self.interrupt, nbytes, self.timeout, self.rank, dest, kind, self.watch)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -311,7 +355,7 @@ class MPITransport:
         poll(arrived, self.interrupt, self.timeout,
              lambda: (f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank {source} within "
                       f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)"),
-             f"rank {source}")
+             f"rank {source}", watch=self.watch)
 
     def _landing(self, slot, dtype, shape, device: torch.device, pinned: bool, reuse: bool):
         """(tensor, MPI buffer, bytes) where a payload lands: fresh, or with `reuse` the one kept for
@@ -399,36 +443,91 @@ class MPITransport:
                                          not direct, reuse or target is not None)
         return out, buf, nbytes, direct, bad
 
-    def barrier(self):
-        self.comm.Barrier()
+    # Collectives, built on point-to-point messages so that every wait has the deadline and its
+    # message names the ranks that did not answer (a blocking MPI collective waits forever on a
+    # stopped peer). Objects are pickled: these run a few times per run, never per step.
 
-    def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+    def _wait_all(self, requests: dict, what: str) -> None:
+        """Wait for sends in flight {peer: request}; on the deadline name the peers still pending."""
+        pending = dict(requests)
 
-    def scatter_obj(self, objs, root=0):
+        def done():
+            for peer in [p for p, req in pending.items() if req.Test()]:
+                del pending[peer]
+            return not pending
+        poll(done, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
+
+    def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
+        if self.rank != root:
+            self._wait_all({root: self.comm.isend(obj, dest=root, tag=GATHER_TAG)}, what)
+            return None
+        out, pending = [None] * self.size, set(range(self.size)) - {root}
+        out[root] = obj
+
+        def arrived():
+            for peer in sorted(pending):
+                msg = self.comm.improbe(source=peer, tag=GATHER_TAG)
+                if msg is not None:
+                    out[peer] = msg.recv()
+                    pending.discard(peer)
+            return not pending
+        poll(arrived, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
+        return out
+
+    def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
+        if self.rank == root:
+            self._wait_all({r: self.comm.isend(obj, dest=r, tag=BCAST_TAG)
+                            for r in range(self.size) if r != root}, what)
+            return obj
+        box = []
+
+        def arrived():
+            msg = self.comm.improbe(source=root, tag=BCAST_TAG)
+            if msg is not None:
+                box.append(msg.recv())
+            return bool(box)
+        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
+        return box[0]
+
+    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0"):
         """objs[r] to rank r (objs is read on the root only); after the run, never on the hot path."""
-        return self.comm.scatter(objs, root=root)
+        if self.rank == root:
+            self._wait_all({r: self.comm.isend(objs[r], dest=r, tag=SCATTER_TAG)
+                            for r in range(self.size) if r != root}, what)
+            return objs[root]
+        box = []
 
-    def gather_obj(self, obj, root=0):
-        return self.comm.gather(obj, root=root)
+        def arrived():
+            msg = self.comm.improbe(source=root, tag=SCATTER_TAG)
+            if msg is not None:
+                box.append(msg.recv())
+            return bool(box)
+        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
+        return box[0]
 
-    def allreduce_max(self, value: float) -> float:
-        return self.comm.allreduce(value, op=self.MPI.MAX)
+    def barrier(self, what="at a barrier"):
+        self.gather_obj(None, what=what)
+        self.bcast_obj(None, what=what)
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Offset to add to this rank's perf_counter to get rank 0's (ping-pong, min round trip)."""
         best, offset = float("inf"), 0.0
         buf = np.zeros(1, dtype=np.float64)
+        what = "while measuring clock offsets"
+
+        def exchange(send: bool, peer: int, tag: int):
+            req = self.comm.Isend(buf, peer, tag) if send else self.comm.Irecv(buf, peer, tag)
+            self._wait_all({peer: req}, what)
         for _ in range(rounds):
             for r in range(1, self.size):
                 if self.rank == 0:
-                    self.comm.Recv(buf, source=r, tag=90)
+                    exchange(False, r, CLOCK_TAG)
                     buf[0] = time.perf_counter()
-                    self.comm.Send(buf, dest=r, tag=91)
+                    exchange(True, r, CLOCK_TAG + 1)
                 elif self.rank == r:
                     t0 = time.perf_counter()
-                    self.comm.Send(buf, dest=0, tag=90)
-                    self.comm.Recv(buf, source=0, tag=91)
+                    exchange(True, 0, CLOCK_TAG)
+                    exchange(False, 0, CLOCK_TAG + 1)
                     t1 = time.perf_counter()
                     if t1 - t0 < best:
                         best, offset = t1 - t0, buf[0] - (t0 + t1) / 2

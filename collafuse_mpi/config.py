@@ -33,7 +33,14 @@ ATTACK_SETS = {"all": ATTACKS, "quick": tuple(a for a in ATTACKS if a != "learne
 
 
 class ConfigError(ValueError):
-    """An invalid configuration: raised before any rank starts work."""
+    """An invalid configuration: raised before any rank starts work. `problems` lists every
+    problem found; the message is the one problem, or all of them one per line."""
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        one = len(self.problems) == 1
+        super().__init__(self.problems[0] if one else f"{len(self.problems)} problems in the config:\n  "
+                         + "\n  ".join(self.problems))
 
 
 @dataclass
@@ -161,13 +168,15 @@ class RunConfig:
     torch_threads: int = 1
     """torch intra-op threads per rank."""
     save_dir: str = ""
-    """Folder for final models and samples ('' = next to `output`, named after the run)."""
+    """Folder for final models and samples, one sub-folder per run name ('' = <output>-models)."""
     quiet: bool = False
     """No progress bar."""
     flush_every: int = 25
     """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
     recv_timeout: float = 600.0
-    """Seconds a rank waits for a peer's message before it ends the job naming that peer."""
+    """Seconds a rank waits on a peer (a message, a send in flight, a flush or the final gather)
+    before it ends the job naming that peer; must exceed the longest a peer computes without
+    answering (loading its data, metrics)."""
     checkpoint_every: int = 0
     """Every rank saves model, optimiser, EMA and RNG state every this many steps (0 = never)."""
     checkpoint_dir: str = ""
@@ -217,19 +226,27 @@ def _section_classes():
 
 
 def from_dict(data: dict) -> Config:
+    """A Config from nested tables; every unknown section or key is reported at once. Values
+    are taken as given: validate() checks their types and ranges."""
     cfg = Config()
     classes = _section_classes()
+    problems = []
     for section, values in data.items():
         if section not in classes:
-            raise ConfigError(f"unknown config section [{section}]; known: {', '.join(classes)}")
+            problems.append(f"unknown config section [{section}]; known: {', '.join(classes)}")
+            continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section [{section}] must be a table")
+            problems.append(f"config section [{section}] must be a table")
+            continue
         sub = getattr(cfg, section)
         names = {f.name for f in fields(sub)}
         for key, value in values.items():
             if key not in names:
-                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(sorted(names))}")
-            setattr(sub, key, value)
+                problems.append(f"unknown config key {section}.{key}; known: {', '.join(sorted(names))}")
+            else:
+                setattr(sub, key, value)
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 
@@ -246,7 +263,7 @@ def load(path: str | None) -> Config:
 
 
 def set_value(cfg: Config, dotted: str, raw) -> None:
-    """Apply one override `section.key=value`, coercing to the field's type."""
+    """Apply one override `section.key=value`, coercing text to the field's declared type."""
     if "." not in dotted:
         raise ConfigError(f"override {dotted!r} must look like section.key")
     section, key = dotted.split(".", 1)
@@ -254,36 +271,86 @@ def set_value(cfg: Config, dotted: str, raw) -> None:
     if section not in classes:
         raise ConfigError(f"unknown config section {section!r}")
     sub = getattr(cfg, section)
-    current = {f.name: getattr(sub, f.name) for f in fields(sub)}
-    if key not in current:
+    kinds = field_kinds(classes[section])
+    if key not in kinds:
         raise ConfigError(f"unknown config key {dotted}")
-    setattr(sub, key, _coerce(dotted, current[key], raw))
+    setattr(sub, key, _coerce(dotted, kinds[key], raw))
 
 
-def _coerce(name, current, raw):
+def _coerce(name, kind, raw):
     if not isinstance(raw, str):
         return raw
     try:
-        if isinstance(current, bool):
+        if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, list):
+        if kind in (int, float):
+            return kind(raw)
+        if kind is list:
             return [float(v) for v in raw.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a valid {type(current).__name__}") from None
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
     return raw
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+# ---- types: every field must hold a value of the type of its default (bool, int, float, str,
+# list), whatever it came from. Driven by the dataclasses, so a new field or section is covered.
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def field_kinds(cls) -> dict:
+    """{field name: bool | int | float | str | list}, from each field's default."""
+    out = {}
+    for f in fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out[f.name] = next(k for k in (bool, int, float, str, list, object) if isinstance(default, k))
+    return out
+
+
+def _of_kind(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _what(value) -> str:
+    """A value as a user would name it: the string '100', the integer 5, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    for kind, word in ((str, "the string"), (int, "the integer"), (float, "the number"),
+                       (list, "the list"), (dict, "the table")):
+        if isinstance(value, kind):
+            return f"{word} {value!r}"
+    return "nothing" if value is None else repr(value)
+
+
+def type_problems(cfg: Config) -> list[tuple[str, str, str]]:
+    """(section, key, message) for every field whose value is not of the field's type."""
+    out = []
+    for sec in fields(cfg):
+        sub = getattr(cfg, sec.name)
+        for key, kind in field_kinds(type(sub)).items():
+            value = getattr(sub, key)
+            if kind is not object and not _of_kind(value, kind):
+                out.append((sec.name, key, f"{sec.name}.{key} must be {_KIND_WORDS[kind]}, got {_what(value)}"))
+    return out
+
+
+def _with_defaults(cfg: Config, bad) -> Config:
+    """A copy where the fields of the wrong type hold their defaults: the range checks then run on
+    values of the right type, and a field of the wrong type gets that one message only."""
+    out = Config(**{s.name: dataclasses.replace(getattr(cfg, s.name)) for s in fields(cfg)})
+    for section, key, _ in bad:
+        setattr(getattr(out, section), key, getattr(type(getattr(out, section))(), key))
+    return out
 
 
 def _is_number(v) -> bool:
@@ -295,7 +362,15 @@ def _is_int(v) -> bool:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError naming the first problem. Checks that need no torch and no data."""
+    """Raise one ConfigError listing every problem found. Checks that need no torch and no data."""
+    bad = type_problems(cfg)
+    problems = [msg for _, _, msg in bad]
+    cfg = _with_defaults(cfg, bad)
+
+    def _check(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
     d, m, data, tr, s, r = cfg.diffusion, cfg.model, cfg.data, cfg.train, cfg.sample, cfg.run
     _check(m.preset in MODEL_PRESETS, f"model.preset {m.preset!r} unknown; choose {', '.join(MODEL_PRESETS)}")
     _check(_is_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
@@ -310,13 +385,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            "diffusion.sample_steps must be an integer in [2, timesteps]")
     _check(data.dataset in DATASETS, f"unknown dataset {data.dataset!r}; choose {', '.join(DATASETS)}")
     if data.dataset in ("npz", "folder"):
-        _check(bool(data.path), f"dataset {data.dataset} needs data.path")
-        _check(os.path.exists(data.path), f"data path {data.path} does not exist")
-        _check(os.access(data.path, os.R_OK), f"data path {data.path} is not readable")
-        if data.dataset == "npz":
-            _check(os.path.isfile(data.path), f"data path {data.path} is not a file")
-        else:
-            _check(os.path.isdir(data.path), f"data path {data.path} is not a folder")
+        want_file = data.dataset == "npz"
+        if not data.path:
+            problems.append(f"dataset {data.dataset} needs data.path")
+        elif not os.path.exists(data.path):
+            problems.append(f"data path {data.path} does not exist")
+        elif not os.access(data.path, os.R_OK):
+            problems.append(f"data path {data.path} is not readable")
+        elif want_file != os.path.isfile(data.path):
+            problems.append(f"data path {data.path} is not a {'file' if want_file else 'folder'}")
     levels = len(MODEL_PRESETS.get(m.preset, (0, (1,), 0))[1])
     div = 2 ** (levels - 1)
     _check(_is_int(data.image_size) and data.image_size >= 4 and data.image_size % div == 0,
@@ -346,14 +423,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_int(r.flush_every) and r.flush_every >= 0, "run.flush_every must be >= 0")
     _check(_is_int(r.checkpoint_every) and r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
     _check(_is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
-    _check(bool(r.output), "run.output must be a file path")
-    _check(not os.path.isdir(r.output), f"output {r.output} is a folder, not a file")
-    out_dir = os.path.dirname(os.path.abspath(r.output))
-    _check(os.path.isdir(out_dir) and os.access(out_dir, os.W_OK), f"output folder {out_dir} is not writable")
-    if os.path.exists(r.output):
-        _check(r.if_exists != "fail",
-               f"output {r.output} exists; pass --append to add a run or --overwrite to replace it")
-    _validate_privacy(cfg)
+    _check(_is_int(r.seed) and 0 <= r.seed < 2**63, f"run.seed must be an integer in [0, 2**63), got {r.seed!r}")
+    _check("/" not in r.run_name and r.run_name != ".",
+           f"run.run_name {r.run_name!r} must not contain '/': it names one group of the results file")
+    problems.extend(output_problems(cfg))
+    problems.extend(_privacy_problems(cfg))
     _check(_is_number(s.eta) and 0 <= s.eta <= 1, "sample.eta must be a number in [0, 1]")
     if world_size is not None:
         _check(world_size >= 2, f"need at least 2 ranks (1 server + 1 client), got {world_size}; "
@@ -361,6 +435,52 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         n_clients = world_size - 1
         _check(not d.client_cuts or len(d.client_cuts) == n_clients,
                f"{len(d.client_cuts)} client cuts given for {n_clients} clients")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _writable_folder(path: str) -> str:
+    """Why files cannot be written under folder `path`, created if missing ('' when they can).
+    Tried for real (a temporary file in the nearest folder that exists): permissions alone
+    do not show a read-only file system, and root passes every permission check."""
+    import tempfile
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".collafuse-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror})"
+    return ""
+
+
+def output_problems(cfg: Config) -> list[str]:
+    """Every place a run writes, checked before it trains: the results file, the models folder,
+    the checkpoint folder. The results file may not be the data it reads."""
+    r, out = cfg.run, []
+    if not r.output:
+        return ["run.output must be a file path"]
+    if os.path.isdir(r.output):
+        return [f"output {r.output} is a folder, not a file"]
+    out_dir = os.path.dirname(os.path.abspath(r.output))
+    why = _writable_folder(out_dir) if os.path.isdir(out_dir) else "it does not exist"
+    if why:
+        out.append(f"output folder {out_dir} is not writable: {why}")
+    if os.path.exists(r.output):
+        if r.if_exists == "fail":
+            out.append(f"output {r.output} exists; pass --append to add a run or --overwrite to replace it")
+        if cfg.data.path and os.path.exists(cfg.data.path) and os.path.samefile(r.output, cfg.data.path):
+            out.append(f"output {r.output} is the data file the run reads (data.path); choose another --output")
+    for name, folder, used in (("run.save_dir", r.save_dir, r.save_models),
+                               ("run.checkpoint_dir", r.checkpoint_dir, True)):
+        why = _writable_folder(folder) if folder and used else ""
+        if why:
+            out.append(f"{name} {folder} cannot be written: {why}")
+    return out
 
 
 def attack_set(cfg: Config) -> tuple:
@@ -372,8 +492,12 @@ def attack_set(cfg: Config) -> tuple:
     return tuple(a for a in ATTACKS if a in names)
 
 
-def _validate_privacy(cfg: Config) -> None:
-    p = cfg.privacy
+def _privacy_problems(cfg: Config) -> list[str]:
+    p, problems = cfg.privacy, []
+
+    def _check(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
     _check(isinstance(p.attacks, str), "privacy.attacks must be a string")
     if isinstance(p.attacks, str) and p.attacks.strip() not in ATTACK_SETS:
         bad = [a.strip() for a in p.attacks.split(",") if a.strip() and a.strip() not in ATTACKS]
@@ -388,6 +512,7 @@ def _validate_privacy(cfg: Config) -> None:
         v = getattr(p, name)
         _check(_is_int(v) and v >= 1, f"privacy.{name} must be an integer >= 1")
     _check(_is_number(p.link_z) and p.link_z > 0, "privacy.link_z must be > 0")
+    return problems
 
 
 def describe() -> str:

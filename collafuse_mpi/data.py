@@ -55,21 +55,54 @@ def _fit(im: Image.Image, size: int) -> Image.Image:
     return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
 
 
-def _array_to_u8(a: np.ndarray, where: str) -> np.ndarray:
-    """Numeric array -> uint8: floats in [0, 1] are x255, values already in 0..255 are kept,
-    anything else (e.g. 16-bit scans) is min-max scaled over the whole array."""
+def _first(mask: np.ndarray) -> str:
+    """Where the first True of an image array's mask is: 'image i, pixel (y, x)'."""
+    at = np.unravel_index(int(np.argmax(mask.reshape(-1))), mask.shape)
+    return f"image {at[0]}, pixel ({', '.join(map(str, at[1:]))})" if len(at) > 1 else f"value {at[0]}"
+
+
+def _pixel_rule(a: np.ndarray, where: str):
+    """How a numeric image array becomes uint8, decided on the whole array (a split, or one
+    image file) so that every image converts the same whichever client loads it:
+    floats in [0, 1] are x255, values already in 0..255 whole numbers are kept, integers beyond
+    0..255 (16-bit scans) are min-max scaled. Non-finite values and other floats are refused:
+    rescaling by an outlier would put every other pixel near black."""
     if a.dtype == np.uint8:
-        return a
+        return None
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
         raise DataError(f"{where}: images have dtype {a.dtype}, expected numbers")
-    floating = np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_
-    a = a.astype(np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if floating and 0 <= lo and hi <= 1:
-        a = a * 255.0
-    elif lo < 0 or hi > 255:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if a.size == 0:
+        return (0.0, 1.0)
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = ~finite
+            raise DataError(f"{where} has a non-finite value ({a.reshape(-1)[np.argmax(bad.reshape(-1))]}) "
+                            f"at {_first(bad)}")
+        lo, hi = float(a.min()), float(a.max())
+        if 0 <= lo and hi <= 1:
+            return (0.0, 1 / 255.0)
+        if 0 <= lo and hi <= 255 and np.array_equal(a, np.round(a)):
+            return (0.0, 1.0)  # 8-bit values stored as floats
+        outside = (a < 0) | (a > 1)
+        raise DataError(f"{where} has float values outside [0, 1]: {a.reshape(-1)[np.argmax(outside.reshape(-1))]:g} "
+                        f"at {_first(outside)} (float images must lie in [0, 1], or be whole numbers in 0..255)")
+    lo, hi = float(a.min()), float(a.max())
+    if a.dtype == np.bool_:
+        return (0.0, 1 / 255.0)
+    if lo < 0 or hi > 255:
+        return (lo, (hi - lo) / 255.0 if hi > lo else np.inf)
+    return (0.0, 1.0)
+
+
+def _array_to_u8(a: np.ndarray, where: str, rule="whole") -> np.ndarray:
+    """Numeric array -> uint8 by `rule` (offset, step per level), by default decided on `a` itself."""
+    if rule == "whole":
+        rule = _pixel_rule(a, where)
+    if rule is None:
+        return a
+    lo, step = rule
+    return np.clip(np.round((a.astype(np.float64) - lo) / step), 0, 255).astype(np.uint8)
 
 
 def _pil_to_u8(im: Image.Image, size: int, channels: int, where: str) -> np.ndarray:
@@ -82,9 +115,9 @@ def _pil_to_u8(im: Image.Image, size: int, channels: int, where: str) -> np.ndar
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str) -> np.ndarray:
+def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str, rule="whole") -> np.ndarray:
     """[N,H,W] or [N,H,W,1|3|4] -> uint8 [N, channels, size, size]."""
-    a = _array_to_u8(a, where)
+    a = _array_to_u8(a, where, rule)
     a = a[..., None] if a.ndim == 3 else a[..., :3]  # alpha dropped
     if a.shape[-1] != channels:
         if channels == 3:
@@ -199,6 +232,11 @@ def _npz(cfg: DataConfig):
                                 "expected [N,H,W] or [N,H,W,3]")
             n = shape[0]
             lab = _member(z, lab_key, path) if lab_key in z.files else np.full(n, -1)
+            if not (np.issubdtype(lab.dtype, np.number) or lab.dtype == np.bool_):
+                raise DataError(f"{path}: {lab_key} holds {lab.dtype} values, not integer class ids")
+            whole = np.isfinite(lab).all() and np.array_equal(lab, np.round(lab))
+            if np.issubdtype(lab.dtype, np.floating) and not whole:
+                raise DataError(f"{path}: {lab_key} holds float values that are not whole numbers, not class ids")
             if lab.shape[:1] != (n,):
                 raise DataError(f"{path}: {lab_key} has shape {lab.shape} but {img_key} has {n}")
             # [N,1] class ids -> [N]; multi-label [N,K] (ChestMNIST) has no single class -> -1
@@ -215,8 +253,9 @@ def _npz(cfg: DataConfig):
             for key, first, n in parts:  # one split in memory at a time
                 sel = np.nonzero((idx >= first) & (idx < first + n))[0]
                 if sel.size:
-                    out[sel] = _batch_to_u8(_member(z, key, path)[idx[sel] - first],
-                                            cfg.image_size, cfg.channels, f"{path}: {key}")
+                    where, whole = f"{path}: {key}", _member(z, key, path)
+                    out[sel] = _batch_to_u8(whole[idx[sel] - first], cfg.image_size, cfg.channels, where,
+                                            _pixel_rule(whole, where))
         return _to_float(out)
     return np.concatenate(labels), fetch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, make_header, parse_header
 
@@ -38,7 +39,7 @@ class LoopbackTransport:
 
     def __init__(self, rank: int, size: int, mailboxes: _Mailboxes, barrier: threading.Barrier):
         self.rank, self.size, self._mail, self._barrier = rank, size, mailboxes, barrier
-        self.local_rank = rank
+        self.local_rank, self.local_size = rank, size
         self.stats = Stats()
         self.timeout = 600.0
         self._peeked = {}
@@ -85,38 +86,40 @@ class LoopbackTransport:
             raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
         return info, target.view(info["shape"]).copy_(payload)
 
-    def barrier(self):
-        self._barrier.wait()
+    def barrier(self, what="at a barrier"):
+        start = time.monotonic()
+        try:
+            self._barrier.wait(timeout=self.timeout)
+        except threading.BrokenBarrierError:
+            if time.monotonic() - start < self.timeout:
+                raise  # a peer failed and broke it
+            raise TimeoutError(f"rank {self.rank}: not every rank arrived within {self.timeout:g} s {what}") from None
 
-    def gather_obj(self, obj, root=0):
+    def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
         self._mail.slots[self.rank] = obj
-        self.barrier()
+        self.barrier(what)
         out = [self._mail.slots[r] for r in range(self.size)] if self.rank == root else None
-        self.barrier()
+        self.barrier(what)
         return out
 
-    def scatter_obj(self, objs, root=0):
+    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0"):
         if self.rank == root:
             self._mail.slots["scatter"] = list(objs)
-        self.barrier()
+        self.barrier(what)
         out = self._mail.slots["scatter"][self.rank]
-        self.barrier()
+        self.barrier(what)
         return out
 
-    def bcast_obj(self, obj, root=0):
+    def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
         if self.rank == root:
             self._mail.slots["bcast"] = obj
-        self.barrier()
+        self.barrier(what)
         out = self._mail.slots["bcast"]
-        self.barrier()
+        self.barrier(what)
         return out
 
-    def allreduce_max(self, value: float) -> float:
-        self._mail.slots[("max", self.rank)] = value
-        self.barrier()
-        out = max(self._mail.slots[("max", r)] for r in range(self.size))
-        self.barrier()
-        return out
+    def report_failure(self, text: str) -> None:
+        pass  # the roles are threads of one process: run_loopback() reports the failing one
 
     def clock_offset(self, rounds: int = 8) -> float:
         return 0.0

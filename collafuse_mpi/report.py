@@ -93,3 +93,24 @@ def finish(writer, name, everyone, cfg, pooled: dict):
         print(f"collafuse_mpi: {summary_line(metrics['pooled']['privacy'])}", flush=True)
     print(f"collafuse_mpi: results in {os.path.abspath(cfg.run.output)} (run {name})\n"
           f"  plot them with: collafuse-plot {cfg.run.output}", flush=True)
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line: the exception's type and message (an empty MemoryError named as such)."""
+    if isinstance(exc, MemoryError) and not str(exc):
+        return "MemoryError: out of memory (lower --image-size or --batch-size, or use fewer ranks per node)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def record_failure(writer, name, exc: BaseException) -> None:
+    """Mark the run group failed, with the rank that failed and why; a preempted run is left to
+    its resume. Best effort: the file may be what failed (a full disk)."""
+    from .comm import PeerFailed
+    from .training import Preempted
+    if isinstance(exc, (Preempted, InterruptedError, KeyboardInterrupt)):
+        return
+    rank, text = (exc.rank, exc.text) if isinstance(exc, PeerFailed) else (0, failure_text(exc))
+    try:
+        writer.update_run(name, status="failed", failed_rank=rank, error=text[:4000], end_time=_now())
+    except Exception:  # noqa: BLE001 -- the original failure is what the job must report
+        pass

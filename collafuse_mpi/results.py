@@ -5,6 +5,7 @@ complete, readable file. Layout: docs/results-schema.md.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -33,6 +34,53 @@ def _attr(v):
     return "" if v is None else v
 
 
+LOCK_WAIT_S = 120.0  # how long a writer waits for a file another process holds open (HDF5's lock)
+
+
+def _locked(exc: OSError) -> bool:
+    return isinstance(exc, BlockingIOError) or "unable to lock file" in str(exc)
+
+
+def _being_created(path: str) -> bool:
+    """A file too short to hold an HDF5 superblock, written seconds ago: another process is
+    creating it and has not taken its lock yet."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_size < 2048 and time.time() - st.st_mtime < 5
+
+
+def open_locked(path: str, mode: str) -> h5py.File:
+    """h5py.File(path, mode), waiting while another process holds the file (a reader without
+    locking off, another run appending): fails with that reason, never a false one."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    pause = 0.05
+    while True:
+        try:
+            return h5py.File(path, mode)
+        except OSError as exc:
+            raced = isinstance(exc, FileExistsError) or "errno = 17" in str(exc)  # "a" created it just after another
+            if not (_locked(exc) or raced or _being_created(path)):
+                raise
+            if time.monotonic() > deadline:
+                raise ResultsError(f"{path} is held open by another process (HDF5 file lock) for more than "
+                                   f"{LOCK_WAIT_S:g} s; close it (or end that run) and retry") from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+SPACE_MARGIN = 256 * 1024  # room HDF5 needs beyond the data for an update (metadata, B-trees)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (str, bytes)) or value is None or np.isscalar(value):
+        return 64
+    return int(np.asarray(value).nbytes)
+
+
 class ResultsWriter:
     def __init__(self, path: str, if_exists: str = "fail"):
         self.path = path
@@ -41,24 +89,40 @@ class ResultsWriter:
                 raise ResultsError(f"{path} exists; choose append or overwrite")
             if if_exists == "append":
                 try:
-                    with h5py.File(path, "r") as f:
+                    with open_locked(path, "r") as f:
                         _check_format(f, path)
+                except ResultsError:
+                    raise
                 except OSError:
                     raise ResultsError(f"{path} exists and is not an HDF5 file; refusing to append") from None
-        mode = "a" if if_exists == "append" and os.path.exists(path) else "w"
-        with h5py.File(path, mode) as f:
+        # append creates a missing file under the lock ("a"), so two runs starting at once never
+        # truncate each other's; only overwrite replaces ("w")
+        if if_exists == "append" and os.path.exists(path):
+            return  # a results file already, checked above: nothing to write yet
+        self._room()
+        with open_locked(path, "a" if if_exists == "append" else "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.require_group("runs")
 
-    def _open(self):
-        # A reader (the plot command, h5ls) may hold the file for a moment: retry before failing.
-        for attempt in range(20):
-            try:
-                return h5py.File(self.path, "a")
-            except BlockingIOError:
-                time.sleep(0.25)
-        return h5py.File(self.path, "a")
+    def _open(self, payload=None):
+        """The file for one update, once there is room for it. A full disk met inside HDF5 can
+        leave the file damaged (earlier runs too), so the update is refused before it starts
+        when the free space could not take it. A reader (the plot command) or another run may
+        hold the file for a moment: wait for it."""
+        self._room(payload)
+        return open_locked(self.path, "a")
+
+    def _room(self, payload=None):
+        need = SPACE_MARGIN + 2 * _nbytes(payload)
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = need
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device on {self.path} (an update needs about "
+                                        f"{need // 1024} KiB, {free // 1024} KiB free; nothing written)")
 
     def begin_run(self, name: str, config: dict, meta: dict) -> str:
         with self._open() as f:
@@ -80,7 +144,7 @@ class ResultsWriter:
                 f["runs"][name].attrs[k] = _attr(v)
 
     def write_rank(self, name: str, rank: int, arrays: dict, attrs: dict):
-        with self._open() as f:
+        with self._open(arrays) as f:
             ranks = f["runs"][name].require_group("ranks")
             key = str(rank)
             if key in ranks:
@@ -93,7 +157,7 @@ class ResultsWriter:
 
     def write_group(self, name: str, sub: str, data: dict):
         """Nested dicts of arrays/scalars under runs/<name>/<sub> (metrics, samples, comm)."""
-        with self._open() as f:
+        with self._open(data) as f:
             run = f["runs"][name]
             if sub in run:
                 del run[sub]
@@ -141,14 +205,27 @@ def _plain(v):
     return v
 
 
+def _unopenable(path: str, exc: OSError) -> str:
+    """Why h5py cannot open `path`: not HDF5 at all, or HDF5 that is damaged (read() takes no
+    lock, so a running job holding the file is never the reason)."""
+    try:
+        with open(path, "rb") as fh:
+            signed = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        signed = False
+    if not signed:
+        return f"{path} is not an HDF5 file"
+    return f"{path} is an HDF5 file but damaged or truncated (h5py: {str(exc).splitlines()[0][:200]})"
+
+
 def read(path: str) -> dict:
     """{'attrs': {...}, 'runs': {name: {attrs..., 'config': dict, 'ranks': {int: {...}}, ...}}}."""
     try:
         f = h5py.File(path, "r", locking=False)  # never block the run that is writing it
     except FileNotFoundError:
         raise ResultsError(f"{path} does not exist") from None
-    except OSError:
-        raise ResultsError(f"{path} is not an HDF5 file") from None
+    except OSError as exc:
+        raise ResultsError(_unopenable(path, exc)) from None
     with f:
         _check_format(f, path)
         out = {"attrs": {k: _plain(v) for k, v in f.attrs.items()}, "runs": {}}

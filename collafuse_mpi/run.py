@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -28,8 +29,10 @@ def _log(rank: int, msg: str, file=sys.stderr):
 
 
 def check(cfg, tp) -> None:
-    """Validate on rank 0 (config and data size), then every rank learns the verdict."""
-    problem = None
+    """Validate on rank 0 (config, data size, whose checkpoints), then every rank learns the
+    verdict and the identity its checkpoints carry."""
+    from . import checkpoint
+    problem = ident = None
     if tp.rank == 0:
         try:
             cfgmod.validate(cfg, tp.size)
@@ -39,13 +42,24 @@ def check(cfg, tp) -> None:
             if n < 2 * n_clients:
                 raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
                                   "(each needs at least one training and one held-out image)")
+            from .preflight import memory_problem
+            too_big = memory_problem(cfg, tp.size, getattr(tp, "local_size", tp.size), n)
+            if too_big:
+                raise ConfigError(too_big)
+            if cfg.run.resume:
+                checkpoint.verify(cfg, tp.size)
+            else:
+                checkpoint.claim(cfg, tp.size, overwrite=cfg.run.if_exists == "overwrite")
+            ident = checkpoint.bound(cfg)
         except (ConfigError, ValueError) as exc:
             problem = str(exc)
-    problem = tp.bcast_obj(problem)
+    problem, ident = tp.bcast_obj((problem, ident), what="waiting for rank 0's check of the config and data")
     if problem:
         if tp.rank == 0:
             print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
         raise Abort(2)
+    if ident is not None:
+        checkpoint.bind(cfg, ident)
 
 
 def execute(cfg, tp, progress: bool = False) -> dict:
@@ -56,9 +70,11 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     from .harness import PhaseTimer
     from .training import pick_device, sync_fn
 
+    timeout = cfg.run.recv_timeout
+    if type(timeout) in (int, float) and timeout > 0:  # else check() refuses it
+        tp.timeout = timeout  # every wait on a peer, from the first one on
     check(cfg, tp)
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
-    tp.timeout = cfg.run.recv_timeout
     torch.set_num_threads(cfg.run.torch_threads)
     n_clients = tp.size - 1
     ks = cfg.cut_steps(n_clients)
@@ -70,7 +86,18 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     if tp.rank == 0:
         from .report import begin
         writer, run_name = begin(cfg, tp, ks, resume_step)
-    tp.barrier()
+    run_name = tp.bcast_obj(run_name, what="waiting for rank 0 to open the results file")  # models go under it
+    try:
+        return _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress)
+    except BaseException as exc:
+        if writer is not None:  # the run group says how it ended, and which rank ended it
+            from .report import record_failure
+            record_failure(writer, run_name, exc)
+        raise
+
+
+def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress) -> dict:
+    from . import energy
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key,
             "path": tp.path(device), "metrics": {}, "samples": {},
@@ -86,7 +113,8 @@ def execute(cfg, tp, progress: bool = False) -> dict:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
-    everyone = tp.gather_obj(mine)  # over loopback these are the other roles' own dicts: read only
+    # over loopback these are the other roles' own dicts: read only
+    everyone = tp.gather_obj(mine, what="in the final gather of every rank's results")
     if tp.rank == 0:
         from .evaluate import pooled_kid
         from .report import finish
@@ -94,6 +122,8 @@ def execute(cfg, tp, progress: bool = False) -> dict:
             pooled = pooled_kid([r["features"] for r in everyone if "features" in r], cfg.run.seed)
         everyone[0]["windows"] = timer.windows
         finish(writer, run_name, everyone, cfg, pooled)
+        from .checkpoint import mark_complete
+        mark_complete(cfg)
     return mine
 
 
@@ -109,24 +139,30 @@ class Flusher:
             return
         with self.timer.phase("io"):
             part = dict(self.mine, arrays=self.timer.arrays(), comm=self.tp.stats.rows(), windows={})
-            everyone = self.tp.gather_obj(part)
+            everyone = self.tp.gather_obj(part, what=f"in the results flush after step {step + 1}")
             if self.tp.rank == 0:
                 from .report import write_ranks
                 write_ranks(self.writer, self.run_name, everyone)
                 self.writer.update_run(self.run_name, steps_written=step + 1)
 
 
-def _save(cfg, tp, name: str, obj, timer):
-    """Final models and samples go to run.save_dir (default: next to the results file)."""
+def _save(cfg, tp, name: str, obj, timer, run_name: str):
+    """Final models and samples go to <run.save_dir>/<run name>/ (default save_dir: next to the
+    results file), so runs appended to one file keep their own."""
+    import io
+
     import torch
+
+    from .checkpoint import write_atomic
     if not cfg.run.save_models:
         return
-    folder = cfg.run.save_dir or os.path.splitext(os.path.abspath(cfg.run.output))[0] + "-models"
+    root = cfg.run.save_dir or os.path.splitext(os.path.abspath(cfg.run.output))[0] + "-models"
     with timer.phase("checkpoint"):
+        folder = os.path.join(root, run_name)
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"rank{tp.rank}-{name}.pt")
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        write_atomic(os.path.join(folder, f"rank{tp.rank}-{name}.pt"), buf.getbuffer())
 
 
 def find_resume_step(cfg, tp) -> int:
@@ -136,7 +172,7 @@ def find_resume_step(cfg, tp) -> int:
     server_trains = any(k < cfg.diffusion.timesteps for k in ks)  # else rank 0 has nothing to save
     ranks = [r for r in range(tp.size) if r > 0 or server_trains]
     step = checkpoint.latest_complete(cfg, ranks) if tp.rank == 0 else None
-    step = tp.bcast_obj(step)
+    step = tp.bcast_obj(step, what="waiting for rank 0 to pick the checkpoint to resume")
     if not step:
         if tp.rank == 0:
             print(f"collafuse_mpi: error: --resume: no checkpoint completed by all {len(ranks)} training ranks "
@@ -173,7 +209,7 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
         with timer.window("privacy"):
             cost = phase.server_side(cfg, tp, server, names)
     if server.learner is not None:
-        _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer)
+        _save(cfg, tp, "server", {"ema": server.learner.ema.model.state_dict(), "ks": ks}, timer, flush.run_name)
     return cost
 
 
@@ -206,7 +242,7 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
     state = {"samples": final.cpu(), "k": client.k}
     if client.learner is not None:
         state["ema"] = client.learner.ema.model.state_dict()
-    _save(cfg, tp, f"client{index}", state, timer)
+    _save(cfg, tp, f"client{index}", state, timer, flush.run_name)
 
 
 class Progress:
@@ -311,21 +347,29 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
     if help_config:
         click.echo(cfgmod.describe())
         return
-    from .comm import MPITransport
+    from .comm import MPITransport, PeerFailed
+    from .report import failure_text
     from .training import PREEMPTED, Preempted
     signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())  # SLURM preemption: checkpoint, then stop
     tp = None
     try:
         try:
             cfg = cfgmod.load(config_path)
-            for key, raw in values.items():
-                if raw is not None:
-                    cfgmod.set_value(cfg, key.replace("__", "."), raw)
+            bad = []  # every option that cannot be applied, reported together
+            settings = [(key.replace("__", "."), raw) for key, raw in values.items() if raw is not None]
             for item in overrides:
                 key, sep, raw = item.partition("=")
-                if not sep:
-                    raise ConfigError(f"--set {item!r} must look like section.key=value")
-                cfgmod.set_value(cfg, key.strip(), raw.strip())
+                if sep:
+                    settings.append((key.strip(), raw.strip()))
+                else:
+                    bad.append(f"--set {item!r} must look like section.key=value")
+            for key, raw in settings:
+                try:
+                    cfgmod.set_value(cfg, key, raw)
+                except ConfigError as exc:
+                    bad.extend(exc.problems)
+            if bad:
+                raise ConfigError(bad)
             if if_exists:
                 cfg.run.if_exists = if_exists
             if quiet:
@@ -353,10 +397,14 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
         raise SystemExit(143) from None
     except BaseException as exc:  # any failure on any rank ends the whole job, now
         rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
-        _log(rank, f"FAILED: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        # a peer's failure was printed by that peer: said once
+        _log(rank, f"ending the job: rank {exc.rank} failed" if isinstance(exc, PeerFailed) else f"FAILED: {failure_text(exc)}")
+        if not (isinstance(exc, (TimeoutError, PeerFailed)) or getattr(exc, "errno", None) == errno.ENOSPC):
+            traceback.print_exc()  # a deadline, a peer's report or a full disk says it all in one line
         sys.stderr.flush()
         if tp is not None and tp.size > 1:
+            if not isinstance(exc, PeerFailed):
+                tp.report_failure(failure_text(exc))  # rank 0 records it in the run group, then ends the job
             tp.abort(1)
         raise SystemExit(1)
 

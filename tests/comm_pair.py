@@ -182,6 +182,29 @@ if rank == 1:
     else:
         raise AssertionError("probe of a silent peer did not time out")
 world.Barrier()
+
+# 7. the collectives: exact objects (a large one too), and a peer that never joins is named by the
+# deadline in the rank that waits for it (root of a gather, a receiver of a broadcast, a sender)
+big_obj = {"r": rank, "x": np.arange(200_000) * (rank + 1)}  # 1.6 MB: rendezvous, not eager
+got = tp.gather_obj(big_obj)
+if rank == 0:
+    assert [o["r"] for o in got] == [0, 1] and np.array_equal(got[1]["x"], np.arange(200_000) * 2), got
+else:
+    assert got is None
+assert tp.bcast_obj({"word": "cut"} if rank == 0 else None) == {"word": "cut"}
+tp.barrier()
+world.Barrier()
+try:
+    if rank == 0:
+        tp.gather_obj(1, what="in test gather A")  # rank 1 skips gather A
+    else:
+        tp.bcast_obj(None, what="in test broadcast B")  # rank 0 skips broadcast B
+except TimeoutError as e:
+    expect = "no answer from rank 1" if rank == 0 else "no answer from rank 0"
+    assert expect in str(e) and ("test gather A" in str(e) or "test broadcast B" in str(e)), e
+else:
+    raise AssertionError("a collective with a missing peer did not time out")
+world.Barrier()
 if rank == 1:
     print("all checks passed", flush=True)
 sys.exit(0)

@@ -68,3 +68,19 @@ def test_two_ranks_exchange_exact_tensors():
                        timeout=120, env=mpi_env())
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "all checks passed" in p.stdout
+
+
+def test_loopback_collectives_have_the_deadline_too():
+    a, _ = LoopbackTransport.group(2)
+    a.timeout = 0.2
+    with pytest.raises(TimeoutError, match=r"rank 0: not every rank arrived within 0.2 s in the final gather"):
+        a.gather_obj(1, what="in the final gather")
+
+
+def test_handle_wait_names_the_receiver_that_never_takes_the_send():
+    class Never:
+        def Testall(self, requests):
+            return False
+    h = cm.Handle([Never()], None, timeout=0.1, rank=1, dest=0, kind=cm.TRAIN)
+    with pytest.raises(TimeoutError, match=r"rank 1: no answer from rank 0 within 0.1 s while sending it a train_batch"):
+        h.wait()

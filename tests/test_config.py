@@ -314,3 +314,142 @@ def test_describe_lists_every_field():
     for sec in ("model", "diffusion", "data", "train", "sample", "run"):
         assert f"[{sec}]" in text
     assert "cut = 0.4" in text and "k = round(c*T)" in text
+
+
+# ------------------------------------------------------------------ types, and every problem at once
+
+def _wrong_value(default):
+    """A value of another type than the field's: what a TOML file may carry by mistake."""
+    if isinstance(default, bool):
+        return "false"   # a string is not a boolean, whatever it says
+    if isinstance(default, (int, float)):
+        return str(default)
+    if isinstance(default, str):
+        return 5
+    return "0.1,0.2"     # a list field given a string
+
+
+EVERY_FIELD = [(s.name, f.name) for s in C.fields(Config) for f in C.fields(getattr(Config(), s.name))]
+
+
+@pytest.mark.parametrize("section,key", EVERY_FIELD)
+def test_every_field_refuses_a_value_of_another_type_by_name_and_type(cfg, section, key):
+    """Driven by the dataclasses, so a new section or field is covered without a new test."""
+    sub = getattr(cfg, section)
+    wrong = _wrong_value(getattr(sub, key))
+    setattr(sub, key, wrong)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 3)
+    text = str(err.value)
+    assert f"{section}.{key} must be " in text, text
+    assert ("the string" if isinstance(wrong, str) else "the integer") in text, text
+
+
+def test_toml_string_for_a_boolean_is_refused_not_taken_as_true(tmp_path):
+    cfg = load(write(tmp_path, '[run]\nstore_real = "false"\n'))
+    cfg.run.output = str(tmp_path / "r.h5")
+    with pytest.raises(ConfigError, match=r"run\.store_real must be true or false, got the string 'false'"):
+        validate(cfg, 3)
+
+
+def test_string_for_an_integer_says_integer_not_range(cfg):
+    cfg.train.steps = "100"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 3)
+    assert "train.steps must be an integer, got the string '100'" in str(err.value)
+    assert ">= 1" not in str(err.value)
+
+
+def test_an_integer_is_a_valid_float(cfg):
+    cfg.train.lr, cfg.diffusion.cut = 1, 1
+    validate(cfg, 3)
+
+
+def test_every_problem_is_reported_at_once(cfg):
+    cfg.train.steps = "100"
+    cfg.diffusion.cut = 2.0
+    cfg.model.preset = "huge"
+    cfg.run.store_real = "yes"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    e = err.value
+    assert len(e.problems) == 5, e.problems
+    text = str(e)
+    assert text.startswith("5 problems in the config:")
+    for part in ("train.steps must be an integer", "cut must be a number in [0, 1]", "model.preset 'huge'",
+                 "run.store_real must be true or false", "at least 2 ranks"):
+        assert part in text, text
+
+
+def test_one_problem_reads_as_one_line(cfg):
+    cfg.train.batch_size = 0
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 3)
+    assert str(err.value) == "train.batch_size must be >= 1" and err.value.problems == [str(err.value)]
+
+
+def test_npz_without_path_is_one_problem(cfg):
+    cfg.data.dataset = "npz"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 3)
+    assert err.value.problems == ["dataset npz needs data.path"]
+
+
+def test_set_value_coerces_by_the_declared_type_even_after_a_bad_value(cfg):
+    cfg.train.steps = "junk"  # e.g. from TOML; --set then replaces it with a real integer
+    set_value(cfg, "train.steps", "12")
+    assert cfg.train.steps == 12
+
+
+# ------------------------------------------------------------------ outputs, checked before training
+
+def test_negative_seed_is_refused(cfg):
+    cfg.run.seed = -1
+    fails(cfg, r"run\.seed must be an integer in \[0, 2\*\*63\)")
+
+
+def test_run_name_with_a_slash_is_refused(cfg):
+    cfg.run.run_name = "a/b"
+    fails(cfg, r"run\.run_name 'a/b' must not contain '/'")
+
+
+def test_output_that_is_the_data_file_is_refused_even_with_overwrite(cfg, tmp_path):
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"x")
+    cfg.data.dataset, cfg.data.path = "npz", str(data)
+    cfg.run.output, cfg.run.if_exists = str(tmp_path / "." / "d.npz"), "overwrite"
+    fails(cfg, "is the data file the run reads")
+
+
+@pytest.mark.parametrize("field", ["save_dir", "checkpoint_dir"])
+def test_unwritable_output_folders_are_refused_before_training(cfg, tmp_path, field):
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    setattr(cfg.run, field, str(blocker / "models"))
+    fails(cfg, rf"run\.{field} .* cannot be written: .*plain-file is a file, not a folder")
+
+
+def test_read_only_output_folder_is_refused(cfg, tmp_path):
+    """A real write is tried (root passes every permission check): a read-only mount fails it."""
+    import subprocess
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        cfg.run.save_dir = str(ro / "models")
+        fails(cfg, r"run\.save_dir .* cannot be written: .* is not writable \(Read-only file system\)")
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_missing_save_dir_in_a_writable_folder_is_fine(cfg, tmp_path):
+    cfg.run.save_dir = str(tmp_path / "new" / "models")
+    validate(cfg, 3)
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_toml_unknown_keys_are_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "[diffusion]\ncutt = 0.3\n[train]\nstepz = 3\n[optim]\nlr = 1\n"))
+    assert len(err.value.problems) == 3 and "diffusion.cutt" in str(err.value) and "train.stepz" in str(err.value)

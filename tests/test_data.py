@@ -323,3 +323,64 @@ def test_batches_small_set_and_errors():
     assert next(Batches(images, 32, seed=0)).shape == (3, 1, 4, 4)
     with pytest.raises(DataError):
         Batches(images[:0], 4, seed=0)
+
+
+# ---------------------------------------------------------------- pixel values that cannot be images
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_npz_non_finite_pixel_is_refused_naming_file_key_and_index(tmp_path, bad):
+    imgs = np.full((5, 4, 4), 0.5, np.float32)
+    imgs[3, 1, 2] = bad
+    path = tmp_path / "f.npz"
+    np.savez(path, train_images=imgs, train_labels=np.zeros(5))
+    with pytest.raises(DataError, match=rf"f\.npz: train_images has a non-finite value \({bad}\) at image 3, "
+                                        r"pixel \(1, 2\)"):
+        load_images(DataConfig(dataset="npz", path=str(path), image_size=4))
+
+
+def test_npz_float_outlier_is_refused_not_used_to_rescale(tmp_path):
+    """Floats in [0, 1] with one value 7.5: min-max scaling by it would put every other pixel near
+    black. Refused, naming the first value outside [0, 1]."""
+    imgs = np.random.default_rng(0).uniform(0, 1, (6, 4, 4)).astype(np.float32)
+    imgs[4, 0, 3] = 7.5
+    path = tmp_path / "o.npz"
+    np.savez(path, images=imgs)
+    with pytest.raises(DataError, match=r"o\.npz: images has float values outside \[0, 1\]: 7\.5 at image 4, "
+                                        r"pixel \(0, 3\)"):
+        load_images(DataConfig(dataset="npz", path=str(path), image_size=4))
+
+
+def test_npz_whole_number_floats_in_0_255_are_kept(tmp_path):
+    imgs = np.array([[[0, 17], [128, 255]]], np.float64)
+    path = tmp_path / "w.npz"
+    np.savez(path, images=imgs)
+    x, _ = load_images(DataConfig(dataset="npz", path=str(path), image_size=2))
+    np.testing.assert_allclose(x[0, 0], imgs[0] / 127.5 - 1.0, atol=1e-6)
+
+
+def test_npz_16bit_scaling_is_the_same_for_every_client(tmp_path):
+    """Min-max scaling of 16-bit data uses the whole split, not the images one client fetched:
+    image i converts to the same pixels whoever loads it."""
+    from collafuse_mpi.data import _source
+    imgs = np.arange(6 * 4 * 4, dtype=np.uint16).reshape(6, 4, 4) * 600
+    path = tmp_path / "u16.npz"
+    np.savez(path, images=imgs)
+    cfg = DataConfig(dataset="npz", path=str(path), image_size=4)
+    whole = load_images(cfg)[0]
+    _, fetch = _source(cfg)
+    np.testing.assert_array_equal(fetch([1, 2]), whole[[1, 2]])
+    assert whole.min() == -1.0 and whole.max() == 1.0
+
+
+def test_npz_string_labels_are_refused_naming_file_and_key(tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.array(["cat", "dog", "cat"]))
+    with pytest.raises(DataError, match=r"s\.npz: train_labels holds <U3 values, not integer class ids"):
+        count_images(DataConfig(dataset="npz", path=str(path), image_size=4))
+
+
+def test_npz_fractional_float_labels_are_refused(tmp_path):
+    path = tmp_path / "l.npz"
+    np.savez(path, images=np.zeros((2, 4, 4), np.uint8), labels=np.array([0.5, np.nan]))
+    with pytest.raises(DataError, match=r"l\.npz: labels holds float values that are not whole numbers"):
+        count_images(DataConfig(dataset="npz", path=str(path), image_size=4))

@@ -125,8 +125,11 @@ def test_a_crash_on_any_rank_ends_the_job(tmp_path, rank):
     assert p.returncode != 0
     assert f"[{rank}@" in p.stderr and "injected failure" in p.stderr
     assert elapsed < 30 + 15  # 30 s budget for the abort, plus start-up on a loaded machine
-    if os.path.exists(out):  # rank 0 wrote the run header before training: it must still open
-        assert results.read(out)["runs"]
+    # rank 0 wrote the run header before training: the file still opens, and the group says which
+    # rank failed and why (a client reports it to rank 0 before the job ends)
+    run = next(iter(results.read(out)["runs"].values()))
+    assert run["status"] == "failed" and run["failed_rank"] == rank, run
+    assert "injected failure at step 2" in run["error"]
 
 
 def test_client_images_stay_out_of_the_results_file(three_ranks):

@@ -23,7 +23,7 @@ FIGURE_STEMS = ("phases", "timeline", "energy", "kid-*", "disclosure", "bytes",
                 "samples-cut0.3-n2", "samples-cut1-n2", "scaling")
 
 
-def _gather_copies(self, obj, root=0):
+def _gather_copies(self, obj, root=0, what=""):
     """LoopbackTransport.gather_obj, except that the root gets shallow copies, as MPI's pickled gather
     gives it. run.execute() pops each rank's "features" from its own dict right after the gather; over
     loopback the root would otherwise find them gone before it computes the pooled KID."""

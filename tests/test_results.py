@@ -57,3 +57,90 @@ def test_phase_stats_leave_out_warmup():
     assert st["forward"]["iqr"] == pytest.approx(1.5)
     assert st["forward"]["p99"] < 4.0 + 1e-9
     assert results.phase_stats(rank, ["forward", "send"], include_warmup=True)["forward"]["p99"] > 9
+
+
+_HOLD = """
+import sys, time, h5py
+with h5py.File(sys.argv[1], "a"):   # HDF5's file lock, held as another process holds it
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(path, seconds):
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_append_to_a_file_held_open_waits_for_it(tmp_path):
+    path = tmp_path / "r.h5"
+    _writer(path).begin_run("a", {}, {})
+    p = _hold(path, 1.5)
+    w = _writer(path, "append")  # waits for the lock instead of calling the file "not an HDF5 file"
+    assert w.begin_run("b", {}, {}) == "b"
+    p.wait()
+    assert set(results.read(path)["runs"]) == {"a", "b"}
+
+
+def test_append_to_a_file_held_too_long_names_the_lock(tmp_path, monkeypatch):
+    path = tmp_path / "r.h5"
+    _writer(path).begin_run("a", {}, {})
+    monkeypatch.setattr(results, "LOCK_WAIT_S", 0.5)
+    p = _hold(path, 5)
+    try:
+        with pytest.raises(results.ResultsError, match="held open by another process"):
+            _writer(path, "append")
+    finally:
+        p.kill()
+        p.wait()
+
+
+_APPENDER = """
+import sys
+import numpy as np
+from collafuse_mpi import results
+w = results.ResultsWriter(sys.argv[1], "append")
+name = w.begin_run("run", {}, {})
+for i in range(15):
+    w.update_run(name, steps_written=i + 1)
+    w.write_rank(name, 1, {"loss": np.arange(float(i + 1))}, {})
+w.update_run(name, status="complete")
+"""
+
+
+def test_concurrent_appends_lose_no_run(tmp_path):
+    """Four processes append to one (new) file at once: every run is there, whole."""
+    import subprocess
+    import sys
+    path = tmp_path / "r.h5"
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    runs = results.read(path)["runs"]
+    assert len(runs) == 4
+    for run in runs.values():
+        assert run["status"] == "complete" and run["steps_written"] == 15 and len(run["ranks"][1]["loss"]) == 15
+
+
+def test_a_truncated_file_is_called_truncated_not_locked(tmp_path):
+    from collafuse_mpi.plot import runs as plot_runs
+    path = tmp_path / "r.h5"
+    w = _writer(path)
+    name = w.begin_run("a", {}, {})
+    w.write_rank(name, 1, {"loss": np.arange(5000.0)}, {})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _, problems = plot_runs.load([str(path)])
+    assert len(problems) == 1 and "damaged or truncated" in problems[0] and "running job" not in problems[0], problems
+    (tmp_path / "t.h5").write_text("plain text")
+    assert results_error(tmp_path / "t.h5").endswith("is not an HDF5 file")
+
+
+def results_error(path):
+    with pytest.raises(results.ResultsError) as err:
+        results.read(str(path))
+    return str(err.value)

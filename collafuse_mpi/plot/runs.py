@@ -212,11 +212,7 @@ def load(paths) -> tuple[list, list]:
         try:
             data = results.read(p)
         except results.ResultsError as exc:
-            msg = str(exc)
-            if msg.endswith("is not an HDF5 file") and _is_hdf5(p):
-                msg = (f"{p} is an HDF5 file but cannot be opened (a running job may hold it open for writing; "
-                       "retry when it ends, or set HDF5_USE_FILE_LOCKING=FALSE)")
-            problems.append(msg)
+            problems.append(str(exc))
             continue
         except (OSError, KeyError, ValueError, TypeError) as exc:
             problems.append(f"{p}: cannot be read as a results file ({type(exc).__name__}: {exc})")
@@ -251,14 +247,6 @@ def config_differences(runs) -> dict:
     keys = sorted(set().union(*flat)) if flat else []
     return {k: sorted({f.get(k, "missing") for f in flat}) for k in keys
             if k not in IGNORED_CONFIG and len({f.get(k, "missing") for f in flat}) > 1}
-
-
-def _is_hdf5(path: str) -> bool:
-    import h5py
-    try:
-        return bool(h5py.is_hdf5(path))
-    except OSError:
-        return False
 
 
 def _summarize(items, ctx: "Ctx | None" = None) -> str:
