@@ -253,6 +253,9 @@ class MPITransport:
         self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = local.Get_rank()
+        # world ranks that MPI places on this rank's node (shared memory reaches them)
+        self.same_node = sorted(MPI.Group.Translate_ranks(local.Get_group(), list(range(local.Get_size())),
+                                                          self.comm.Get_group()))
         local.Free()
 
     def path(self, device: torch.device) -> str:

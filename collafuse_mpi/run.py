@@ -87,7 +87,9 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     else:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
-    mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
+    from . import netpath
+    mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows(),
+                same_node=list(getattr(tp, "same_node", [])), net=netpath.snapshot())
     everyone = tp.gather_obj(mine)  # over loopback these are the other roles' own dicts: read only
     if tp.rank == 0:
         from .evaluate import pooled_kid
