@@ -103,6 +103,9 @@ cmd_up() {
         local h; h=$(ns "$i")
         ip netns add "$h"
         ip -n "$h" link set lo up
+        # a peer that stops acknowledging is given up after ~6 s of retransmits, not ~15 min, so a
+        # cut link ends the job (PRRTE drops a daemon it cannot reach); this namespace only
+        ip netns exec "$h" sysctl -qw net.ipv4.tcp_retries2=4
         # both ends are created inside the namespaces: the root namespace never holds them
         ip link add "p$i" netns "$SW" type veth peer name eth0 netns "$h"
         ip -n "$SW" link set "p$i" master br0 up
@@ -182,6 +185,7 @@ cmd_run() {
     local env=(PRTE_MCA_plm_ssh_agent="$STATE/agent" PRTE_MCA_plm_ssh_no_tree_spawn=1
                PRTE_MCA_oob_tcp_if_include="$CIDR" OMPI_MCA_btl_tcp_if_include="$CIDR"
                OMPI_MCA_mpi_event_tick_rate=1 OMPI_MCA_btl="${CF_NETNS_BTL:-tcp,sm,self}"
+               PRTE_MCA_oob_tcp_keepalive_time=2 PRTE_MCA_oob_tcp_keepalive_intvl=1 PRTE_MCA_oob_tcp_keepalive_probes=3
                OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
     on_host 1 env "${env[@]}" "$mpirun" --hostfile "$STATE/hostfile" "$@"
 }

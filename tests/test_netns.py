@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from collafuse_mpi import results
@@ -160,7 +159,7 @@ def test_down_leaves_nothing_behind(hosts):
     cluster("down")
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "cftest-" not in names
-    assert not any(n.startswith("cftest-") for n in os.listdir("/etc/netns")) if os.path.isdir("/etc/netns") else True
+    assert not os.path.isdir("/etc/netns") or not [n for n in os.listdir("/etc/netns") if n.startswith("cftest-")]
     assert not os.path.exists("/run/collafuse-netns-cftest")
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "netns_delay" not in open(f"/proc/{pid}/cmdline").read()
@@ -171,4 +170,4 @@ def test_down_leaves_nothing_behind(hosts):
     up = cluster("up", "2")  # and a cluster comes up again cleanly after it
     cluster("down")
     assert "up: 2 hosts" in up.stderr
-    assert np.all([not os.path.exists(f"/run/netns/cftest-h{i}") for i in (1, 2)])
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("cftest-")] if os.path.isdir("/run/netns") else True
