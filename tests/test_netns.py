@@ -99,6 +99,8 @@ def test_three_hosts_over_tcp(hosts, tmp_path):
 def test_shaped_link_has_the_rate_and_delay_asked_for(hosts):
     """tbf caps a TCP stream at the rate; the delay helper adds its delay to each direction, so a round
     trip takes at least twice the one-way delay (measured minimum over 20 UDP round trips)."""
+    if shutil.which("iptables") is None:
+        pytest.skip("link delay needs iptables (NFQUEUE); apt-get install iptables")
     probe = [sys.executable, os.path.join(REPO, "scripts", "netns_probe.py")]
     cluster("shape", "40mbit", "2000us", "2", "3")
     server = subprocess.Popen(["bash", SCRIPT, "exec", "3", *probe, "serve", "--seconds", "20"], env=ENV)
