@@ -4,7 +4,8 @@ Root only; skipped with the reason where namespaces cannot be made. One cluster 
 the module (prefix cftest, so a developer's own cluster is left alone); `down` is tested last and
 must leave nothing behind. Contract: rank r runs on host r+1; every train_batch message a client
 sends crosses the wire as B*(2*C*H*W+1) float32 values plus a 96-byte header, so the bytes a client
-sent and the server received per peer are steps * (B*(2*C*H*W+1)*4 + 96); a host whose link goes
+sent and the server received per peer are steps * (B*(2*C*H*W+1)*4 + 96), and the x_k the server
+sends each client for sampling is samples * C*H*W * 4 + 96 bytes; a host whose link goes
 down is named by the server within run.recv_timeout, and the job ends.
 """
 import json
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.mpi
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "netns-cluster.sh")
 ENV = dict(os.environ, CF_NETNS_PREFIX="cftest")
-STEPS, BATCH, IMAGE, CHANNELS = 4, 4, 16, 1  # TINY's steps and batch; the digits data's size
+STEPS, BATCH, SAMPLES, IMAGE, CHANNELS = 4, 4, 4, 16, 1  # TINY's steps, batch, samples; digits' size
 
 
 def cluster(*args, timeout=120, check=True):
@@ -84,6 +85,9 @@ def test_three_hosts_over_tcp(hosts, tmp_path):
         assert sent["messages"][sel].tolist() == [STEPS] and sent["bytes"][sel].tolist() == [STEPS * per_message]
         got = (server["direction"] == "recv") & (server["kind"] == "train_batch") & (server["peer"] == r)
         assert server["bytes"][got].tolist() == [STEPS * per_message]
+        # sampling: the server sends each client its x_k, samples_per_client float32 images
+        cut = (server["direction"] == "sent") & (server["kind"] == "cut_tensor") & (server["peer"] == r)
+        assert server["bytes"][cut].tolist() == [SAMPLES * CHANNELS * IMAGE * IMAGE * 4 + 96]
     # the path MPI took: every peer on another node, over a TCP connection between the hosts' addresses
     peers = run["ranks"][0]["peers"]
     assert peers["peer"].tolist() == [1, 2] and peers["host"].tolist() == ["cftestnode2", "cftestnode3"]
