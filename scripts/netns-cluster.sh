@@ -185,7 +185,6 @@ cmd_run() {
     local env=(PRTE_MCA_plm_ssh_agent="$STATE/agent" PRTE_MCA_plm_ssh_no_tree_spawn=1
                PRTE_MCA_oob_tcp_if_include="$CIDR" OMPI_MCA_btl_tcp_if_include="$CIDR"
                OMPI_MCA_mpi_event_tick_rate=1 OMPI_MCA_btl="${CF_NETNS_BTL:-tcp,sm,self}"
-               PRTE_MCA_oob_tcp_keepalive_time=2 PRTE_MCA_oob_tcp_keepalive_intvl=1 PRTE_MCA_oob_tcp_keepalive_probes=3
                OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
     on_host 1 env "${env[@]}" "$mpirun" --hostfile "$STATE/hostfile" "$@"
 }
