@@ -279,6 +279,9 @@ class MPITransport:
         self._header = bytearray(HEADER_BYTES)
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        # world ranks that MPI places on this rank's node (shared memory reaches them)
+        self.same_node = sorted(MPI.Group.Translate_ranks(local.Get_group(), list(range(local.Get_size())),
+                                                          self.comm.Get_group()))
         local.Free()
         self.watch = self._peer_failure if self.rank == 0 else None  # rank 0 records who failed
 

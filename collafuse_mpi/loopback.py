@@ -40,6 +40,7 @@ class LoopbackTransport:
     def __init__(self, rank: int, size: int, mailboxes: _Mailboxes, barrier: threading.Barrier):
         self.rank, self.size, self._mail, self._barrier = rank, size, mailboxes, barrier
         self.local_rank, self.local_size = rank, size
+        self.same_node = list(range(size))  # threads of one process
         self.stats = Stats()
         self.timeout = 600.0
         self._peeked = {}

@@ -42,7 +42,8 @@ def begin(cfg, tp, ks, resume_step: int = 0):
             "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
             "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
             "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
-            "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES), "command": " ".join(sys.argv)}
+            "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES), "command": " ".join(sys.argv),
+            "transport_settings": transport_settings()}
     name = writer.begin_run(name, cfg.to_dict(), meta)
     return writer, name
 
@@ -53,9 +54,26 @@ def _comm_table(rows) -> dict:
             "bytes": np.array(b, dtype=np.int64), "messages": np.array(c, dtype=np.int64)}
 
 
+def _peer_table(rows) -> dict:
+    cols = list(zip(*rows)) if rows else [()] * 6
+    return {"peer": np.array(cols[0], dtype=np.int64), "host": np.array(cols[1], dtype=str),
+            "locality": np.array(cols[2], dtype=str), "transport": np.array(cols[3], dtype=str),
+            "local_address": np.array(cols[4], dtype=str), "remote_address": np.array(cols[5], dtype=str)}
+
+
+def transport_settings() -> dict:
+    """The launch environment's choices of MPI transport (Open MPI MCA, UCX, libfabric, MPICH)."""
+    keys = ("OMPI_MCA_pml", "OMPI_MCA_btl", "OMPI_MCA_mtl", "OMPI_MCA_osc", "OMPI_MCA_btl_tcp_if_include",
+            "OMPI_MCA_btl_tcp_if_exclude", "PRTE_MCA_oob_tcp_if_include", "UCX_TLS", "UCX_NET_DEVICES",
+            "FI_PROVIDER", "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_OFI_ENABLE_SHARED_CONTEXTS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
 def write_ranks(writer, name, everyone):
     from .energy import owners
+    from .netpath import peer_paths
     own = owners([r["energy_device"] for r in everyone])
+    paths = peer_paths(everyone) if all("net" in r for r in everyone) else {}  # at the end of the run
     for r, o in zip(everyone, own):
         attrs = {"role": r["role"], "host": r["host"], "device": r["device"], "k": r["k"],
                  "energy_source": r["energy_source"], "energy_device": r["energy_device"],
@@ -65,6 +83,8 @@ def write_ranks(writer, name, everyone):
         arrays = dict(r["arrays"])
         arrays["windows"] = r["windows"]
         arrays["comm"] = _comm_table(r["comm"])
+        if r["rank"] in paths:
+            arrays["peers"] = _peer_table(paths[r["rank"]])
         writer.write_rank(name, r["rank"], arrays, attrs)
 
 

@@ -112,7 +112,9 @@ def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resum
     else:
         _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
     meter.close()
-    mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows())
+    from . import netpath
+    mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows(),
+                same_node=list(getattr(tp, "same_node", [])), net=netpath.snapshot())
     # over loopback these are the other roles' own dicts: read only
     everyone = tp.gather_obj(mine, what="in the final gather of every rank's results")
     if tp.rank == 0:
