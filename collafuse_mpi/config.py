@@ -27,6 +27,7 @@ MODEL_PRESETS = {  # base channels, channel multipliers, time-embedding width
 IF_EXISTS = ("fail", "append", "overwrite")
 TIMING_MODES = ("attribution", "throughput")
 TRISTATE = ("auto", "yes", "no")
+KID_FEATURES = ("auto", "digits-classifier", "shapes-classifier", "inception", "random-conv")
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,10 @@ class TrainConfig:
 class SampleConfig:
     samples_per_client: int = 16
     """Images each client generates after training (through the server when k < T)."""
+    kid_features: str = "auto"
+    """KID feature set: auto (the dataset's own classifier for digits and shapes, else inception
+    where its weights are on disk, else random-conv), or one of digits-classifier,
+    shapes-classifier, inception, random-conv. Recorded with every KID."""
 
 
 @dataclass
@@ -302,6 +307,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_int(tr.warmup_steps) and tr.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     _check(_is_int(s.samples_per_client) and s.samples_per_client >= 1,
            "sample.samples_per_client must be >= 1")
+    _check(s.kid_features in KID_FEATURES, f"sample.kid_features {s.kid_features!r} unknown; "
+           f"choose {', '.join(KID_FEATURES)}")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda")
     _check(r.if_exists in IF_EXISTS, f"run.if_exists must be one of {', '.join(IF_EXISTS)}")
     _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")
