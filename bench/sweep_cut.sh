@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Cut sweep: one run group per cut ratio in one results file, launched through mpirun.
+# Cut sweep: one run group per cut ratio and seed in one results file, launched through mpirun.
 #   bash bench/sweep_cut.sh [OUT.h5] [extra run options...]
 #   CF_CUTS="0 0.2 0.4 0.6 0.8 1.0" (default) CF_NPROC=3 (1 server + 2 clients)
+#   CF_SEEDS=3 (default 1): seeds 0..CF_SEEDS-1 per cut, runs named cut<c>-s<seed>; collafuse-plot
+#   draws the mean and a 95% CI over them (figure trends)
 # Both baselines are in every sweep: c = 0 (purely central) and c = 1 (purely local).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +12,14 @@ shift || true
 . .venv/bin/activate
 . scripts/mpi-env.sh
 mode=--overwrite
-for c in ${CF_CUTS:-0 0.2 0.4 0.6 0.8 1.0}; do
-    echo "sweep: cut $c" >&2
-    start=$(date +%s)
-    # shellcheck disable=SC2086
-    mpirun -n "${CF_NPROC:-3}" $CF_MPIRUN_FLAGS python -m collafuse_mpi.run --cut "$c" --run-name "cut$c" \
-        --output "$out" $mode --quiet "$@"
-    echo "sweep: cut $c took $(( $(date +%s) - start )) s" >&2
-    mode=--append
+for seed in $(seq 0 $(( ${CF_SEEDS:-1} - 1 ))); do
+    for c in ${CF_CUTS:-0 0.2 0.4 0.6 0.8 1.0}; do
+        echo "sweep: cut $c seed $seed" >&2
+        start=$(date +%s)
+        # shellcheck disable=SC2086
+        mpirun -n "${CF_NPROC:-3}" $CF_MPIRUN_FLAGS python -m collafuse_mpi.run --cut "$c" --seed "$seed" \
+            --run-name "cut$c-s$seed" --output "$out" $mode --quiet "$@"
+        echo "sweep: cut $c seed $seed took $(( $(date +%s) - start )) s" >&2
+        mode=--append
+    done
 done
