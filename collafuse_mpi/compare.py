@@ -1,6 +1,6 @@
 """`collafuse-compare A.h5 B.h5`: B against A, per rank, phase and metric, with a CI and a test.
 
-    collafuse-compare A.h5 B.h5 [--fail-on step,kid] [--threshold 0.05] [--alpha 0.01] [--json out.json]
+    collafuse-compare A.h5 B.h5 [--fail-on step,kid] [--threshold 0.05] [--alpha 0.05] [--json out.json]
                       [--run-a NAMES] [--run-b NAMES]
 
 Runs are grouped by configuration (everything but the run's seed, name and output paths); the
@@ -187,7 +187,7 @@ def render(rows: list[dict], flagged: set) -> str:
               help="Metrics that must not regress (step, kid, flops, phase:NAME, cpu:NAME, energy; all).")
 @click.option("--threshold", default=0.05, show_default=True, type=float,
               help="Allowed slow-down: a ratio B/A above 1 + threshold can fail.")
-@click.option("--alpha", default=0.01, show_default=True, type=float, help="Significance level of the test.")
+@click.option("--alpha", default=0.05, show_default=True, type=float, help="Significance level of the test.")
 @click.option("--run-a", default="", metavar="NAMES", help="Only these runs of A (comma-separated names).")
 @click.option("--run-b", default="", metavar="NAMES", help="Only these runs of B (comma-separated names).")
 @click.option("--json", "json_out", default=None, metavar="FILE", help="Also write the rows as JSON.")
