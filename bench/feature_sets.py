@@ -1,6 +1,7 @@
 """Do the KID feature sets tell good images from bad? The discrimination table.
 
     python bench/feature_sets.py          # -> bench/results/feature_sets.{json,md} and feature_sets-samples.npz
+    python bench/feature_sets.py --reuse-samples   # the models' samples from that npz (no training)
 
 For each embedded dataset (16x16 gray), the classifier's test split (images its classifier
 never saw) is cut in two: a reference half and a known-good half. Every candidate set is scored
@@ -14,8 +15,9 @@ by KID against the reference, with every feature set:
                   classifier's training split; the 500 steps of the recorded sweep (FULL_STEPS) for scale
 
 The margin of a degraded set is (KID_degraded - KID_good) / sqrt(std_degraded^2 + std_good^2),
-stds over 50 random half-size subsets. The half-trained samples are kept (uint8, npz) so that
-tests/test_features.py checks the ranking without training a model.
+stds over 50 random half-size subsets. A second table gives the margin along a ladder of
+noise and blur levels, to show where each feature set starts to see them. The models' samples
+are kept (uint8, npz) so that tests/test_features.py checks the ranking without training a model.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from collafuse_mpi.model import EMA, UNet
 
 HALF_STEPS, FULL_STEPS, T, SEED = 150, 500, 100, 0
 NOISE_SIGMA, BLUR_SIGMA = 0.2, 1.0
+NOISE_LADDER, BLUR_LADDER = (0.1, 0.2, 0.4), (0.5, 1.0, 1.5)
 SUBSETS = 50
 
 
@@ -45,9 +48,9 @@ def blur(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k, groups=x.shape[1])
 
 
-def noised(x: torch.Tensor, seed: int = SEED) -> torch.Tensor:
+def noised(x: torch.Tensor, sigma: float = NOISE_SIGMA, seed: int = SEED) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (x + NOISE_SIGMA * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
 def sets_for(dataset: str):
@@ -99,7 +102,14 @@ def margins(scores: dict) -> dict:
 
 
 def main() -> int:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reuse-samples", action="store_true")
+    args = ap.parse_args()
     torch.set_num_threads(1)
+    path = f"{common.RESULTS}/feature_sets-samples.npz"
+    saved = np.load(path) if args.reuse_samples else None
+    ladder_rows = []
     record = {"machine": common.machine(), "command": "python bench/feature_sets.py",
               "settings": {"half_steps": HALF_STEPS, "full_steps": FULL_STEPS, "noise_sigma": NOISE_SIGMA,
                            "blur_sigma": BLUR_SIGMA, "subsets": SUBSETS, "image_size": 16},
@@ -108,8 +118,11 @@ def main() -> int:
     for dataset in features.DOMAIN_DATASETS:
         t0 = time.perf_counter()
         ref, good, train = sets_for(dataset)
-        half = train_and_sample(train, HALF_STEPS, len(good))
-        full = train_and_sample(train, FULL_STEPS, len(good))
+        if saved is not None:
+            half, full = (torch.from_numpy(saved[f"{dataset}_{k}_trained"]).float() / 127.5 - 1 for k in ("half", "full"))
+        else:
+            half = train_and_sample(train, HALF_STEPS, len(good))
+            full = train_and_sample(train, FULL_STEPS, len(good))
         kept[f"{dataset}_half_trained"] = to_u8(half)
         kept[f"{dataset}_full_trained"] = to_u8(full)
         cands = {"held-out real": good, "noised": noised(good), "blurred": blur(good),
@@ -120,18 +133,28 @@ def main() -> int:
             s = score(ref, cands, fs)
             m = margins(s)
             out["feature_sets"][fs] = {"kid": s, "margin": m}
-            rows.append([dataset, fs] + [f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}" + (f" ({m[c]:.0f})" if c in m else "")
+            rows.append([dataset, fs] + [f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}" + (f" ({m[c]:.1f})" if c in m else "")
                                          for c in cands])
+            ladder = {"held-out real": good, **{f"noise {v:g}": noised(good, v) for v in NOISE_LADDER},
+                      **{f"blur {v:g}": blur(good, v) for v in BLUR_LADDER}}
+            lm = margins(score(ref, ladder, fs))
+            out["feature_sets"][fs]["ladder_margin"] = lm
+            ladder_rows.append([dataset, fs] + [f"{lm[c]:.1f}" for c in list(ladder)[1:]])
+            ladder_header = list(ladder)[1:]
         out["seconds"] = time.perf_counter() - t0
         record["datasets"][dataset] = out
         header = list(cands)
-    np.savez_compressed(f"{common.RESULTS}/feature_sets-samples.npz", **kept)
+    if saved is None:
+        np.savez_compressed(path, **kept)
     md = ["# KID feature sets: held-out real against degraded sets", "",
           "Command: `python bench/feature_sets.py`", "", common.machine_md(record["machine"]), "",
           "KID (mean ± std over 50 half-size subsets) of each candidate set against a reference half "
           "of the classifier's test split; in brackets the margin over held-out real in standard "
           "errors, (KID - KID_real) / sqrt(std^2 + std_real^2). Lower KID is better.", "",
           common.table(["dataset", "feature set"] + header, rows), "",
+          "Margin over held-out real (standard errors, as above) along a ladder of pixel noise sigma and "
+          "gaussian blur sigma (pixels):", "",
+          common.table(["dataset", "feature set"] + ladder_header, ladder_rows), "",
           f"Inception: {record['inception']}.",
           f"{record['datasets']['digits']['n_reference']} (digits) and "
           f"{record['datasets']['shapes']['n_reference']} (shapes) images per side."]
