@@ -17,6 +17,9 @@ other. Per rank and metric:
                           the ratio (no CI, no test: say so rather than invent one).
   FLOPs per step          counted, not sampled: the ratio alone.
 
+Steps of one run are not independent (a shared machine's load drifts), so their p-values
+overstate the evidence; runs over seeds are the sound unit when a difference is small.
+
 Every metric here is "lower is better". `--fail-on` names metrics (step, kid, cpu:forward,
 phase:recv, ...; `all` = every one) that must not regress: the exit status is 1 when one of them
 has ratio > 1 + threshold, its CI lies above 1, and p < alpha (where a test exists). 0 otherwise;
@@ -194,7 +197,16 @@ def render(rows: list[dict], flagged: set) -> str:
 def cli(a, b, fail_on, threshold, alpha, run_a, run_b, json_out):
     """Compare results file B against A: B/A per rank, phase and metric, CI and p-value.
 
-    Exit status: 0 no chosen metric regressed, 1 one did, 2 usage or file error."""
+    Runs are paired by configuration (seed and output paths aside). One run per side: the
+    samples are the steps after warm-up (ratio of medians, 95% bootstrap CI, Mann-Whitney U).
+    Several runs (seeds) per side: each run's median is one sample (ratio of means, bootstrap
+    CI, Welch's t-test). Metrics: step (whole step), phase:NAME and cpu:NAME (wall and CPU
+    seconds per step), cpu:step, flops (counted), energy (where measured), kid (pooled; one
+    feature set only). All are lower-is-better.
+
+    
+    Exit status: 0 no --fail-on metric regressed; 1 one did (ratio above 1 + threshold, CI
+    above 1, p below alpha); 2 usage or file error."""
     try:
         ra, rb = read(a), read(b)
     except ResultsError as exc:
