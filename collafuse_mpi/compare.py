@@ -59,6 +59,8 @@ def groups(res: dict) -> dict:
 def rank_samples(rank: dict, phases: list) -> dict:
     """metric -> per-step samples (warm-up excluded) for one rank; flops -> per-step count."""
     keep = ~np.asarray(rank.get("warmup", []), dtype=bool)
+    if not keep.any():  # a rank that trained nothing (the server at c = 1) has no step samples
+        return {}
     out = {"step": (np.asarray(rank["step_end"]) - np.asarray(rank["step_start"]))[keep]}
     secs = np.asarray(rank["phase_seconds"])[keep]
     cpu = np.asarray(rank["phase_cpu_seconds"])[keep] if "phase_cpu_seconds" in rank else None
