@@ -6,7 +6,8 @@
 Every rank runs `collafuse_mpi.run.execute` (the CLI's body) 2 * pairs times in one mpirun, in
 the order on, off, off, on, on, off, ... so drift hits both modes alike:
   on   the real `collafuse_mpi.harness.PhaseTimer` and energy meter;
-  off  `NoOpTimer`: phase() and window() are no-op context managers, no energy reads, no sync;
+  off  `NoOpTimer`: phase() and window() are no-op context managers, no energy reads, no sync,
+       no CPU-time reads, no FLOP counting (flops.FlopCache returns 0 without looking up);
        start_step/end_step keep only the two perf_counter stamps needed to measure a step.
 The package is not edited: `harness.PhaseTimer` and `energy.open_meter` are swapped for the run
 (execute imports them at call time). `report.begin/finish` are wrapped to time the HDF5 writes.
@@ -28,7 +29,7 @@ import numpy as np
 
 import common
 
-from collafuse_mpi import energy, harness, report  # noqa: E402
+from collafuse_mpi import energy, flops, harness, report  # noqa: E402
 from collafuse_mpi.config import Config  # noqa: E402
 
 _NULL = contextlib.nullcontext()
@@ -59,9 +60,13 @@ class NoOpTimer(harness.PhaseTimer):
         self.losses.append(loss)
         self.images.append(images)
 
+    def add_flops(self, name, flops):
+        pass
+
     def arrays(self):
         n = len(self.t_end)
         self.rows = [np.zeros(len(harness.PHASES))] * n
+        self.cpu_rows = self.flop_rows = self.rows
         self.energy = [np.nan] * n
         return super().arrays()
 
@@ -91,14 +96,15 @@ class HDF5Clock:
 
 @contextlib.contextmanager
 def instrumentation(on: bool):
-    real_timer, real_meter = harness.PhaseTimer, energy.open_meter
+    real_timer, real_meter, real_count = harness.PhaseTimer, energy.open_meter, flops.FlopCache.__call__
     if not on:
         harness.PhaseTimer = NoOpTimer
         energy.open_meter = lambda *a, **k: energy.UnavailableMeter("switched off by bench/overhead.py")
+        flops.FlopCache.__call__ = lambda self, *inputs: 0
     try:
         yield
     finally:
-        harness.PhaseTimer, energy.open_meter = real_timer, real_meter
+        harness.PhaseTimer, energy.open_meter, flops.FlopCache.__call__ = real_timer, real_meter, real_count
 
 
 def make_config(steps: int, output: str) -> Config:

@@ -122,6 +122,8 @@ class Client:
         if self.k >= 1:
             model = self.learner.ema.model
             pairs = schedule.side_steps(self.T, self.k, d.sampler, d.sample_steps, "client")
+            tt = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            self.timer.add_flops("sample", len(pairs) * self.learner.flops(x, tt))
             with self.timer.phase("sample"):
                 x = schedule.run_chain(self.sched, model, x, 0, pairs, d.sampler, gen, clip=True,
                                        eta=cfg.sample.eta)

@@ -30,6 +30,7 @@ TRISTATE = ("auto", "yes", "no")
 CUT_NOISE = ("fresh", "per_image")
 ATTACKS = ("scalar", "linear", "public_linear", "learned", "multiview", "reid", "membership", "sampling")
 ATTACK_SETS = {"all": ATTACKS, "quick": tuple(a for a in ATTACKS if a != "learned"), "none": ()}
+KID_FEATURES = ("auto", "digits-classifier", "shapes-classifier", "inception", "random-conv")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,10 @@ class TrainConfig:
 class SampleConfig:
     samples_per_client: int = 16
     """Images each client generates after training (through the server when k < T)."""
+    kid_features: str = "auto"
+    """KID feature set: auto (the dataset's own classifier for digits and shapes, else inception
+    where its weights are on disk, else random-conv), or one of digits-classifier,
+    shapes-classifier, inception, random-conv. Recorded with every KID."""
     eta: float = 0.0
     """DDIM stochasticity in [0, 1]: 0 is deterministic (the final sample is a function of the
     x_k the server sent), 1 has DDPM's posterior variance. Ignored by ddpm."""
@@ -415,6 +420,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_int(tr.warmup_steps) and tr.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     _check(_is_int(s.samples_per_client) and s.samples_per_client >= 1,
            "sample.samples_per_client must be >= 1")
+    _check(s.kid_features in KID_FEATURES, f"sample.kid_features {s.kid_features!r} unknown; "
+           f"choose {', '.join(KID_FEATURES)}")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda")
     _check(r.if_exists in IF_EXISTS, f"run.if_exists must be one of {', '.join(IF_EXISTS)}")
     _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")

@@ -17,7 +17,8 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
     if size >= 2:
         seed = derive_seed(client.cfg.run.seed, client.rank, "metrics") % (2**31)
         with global_rng_lock:  # kid seeds torch's global generator; loopback roles share it
-            out["kid"] = metrics.kid(real, fake, subsets=10, subset_size=size, seed=seed)
+            out["kid"] = metrics.kid(real, fake, features=kid_features(client.cfg), subsets=10,
+                                     subset_size=size, seed=seed)
     if server_view is not None:
         abar_k = client.sched.abar[client.k].sqrt().item()
         # compare like with like: the server's view rescaled to image range vs the final sample
@@ -29,8 +30,14 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
 def client_features(client, final: torch.Tensor) -> dict:
     """Feature vectors (never images) of the held-out set and the samples, for the pooled KID."""
     real = torch.from_numpy(client.data.heldout)
-    return {"real": metrics.extract_features(real), "fake": metrics.extract_features(final.detach().cpu().float()),
-            "feature_set": metrics.feature_set()}
+    fs = kid_features(client.cfg)
+    return {"real": metrics.extract_features(real, fs), "fake": metrics.extract_features(final.detach().cpu().float(), fs),
+            "feature_set": fs}
+
+
+def kid_features(cfg) -> str:
+    """The resolved KID feature set of a run (the config's choice, 'auto' made concrete)."""
+    return metrics.feature_set(cfg.sample.kid_features, cfg.data.dataset)
 
 
 def pooled_kid(feature_sets: list[dict], seed: int) -> dict:

@@ -1,7 +1,9 @@
 """Per-rank phase timers and energy windows.
 
-Every step keeps one row of phase seconds; nothing is averaged here (statistics are derived
-when reading). In attribution mode CUDA work is synchronised at each phase edge so time lands
+Every step keeps one row of phase seconds, process CPU-seconds and FLOPs; nothing is averaged
+here (statistics are derived when reading). CPU time is time.process_time() (all threads of
+the process, so torch's intra-op threads count; roles that share a process, as over loopback,
+share it too) read at the same edges as the wall clock. In attribution mode CUDA work is synchronised at each phase edge so time lands
 in the phase that issued it; in throughput mode there are no extra syncs and only whole
 steps are meaningful.
 """
@@ -26,9 +28,11 @@ class PhaseTimer:
         self.keep_events = keep_events  # timeline events kept for the first steps only
         self.rows, self.steps, self.warmup, self.t_start, self.t_end = [], [], [], [], []
         self.losses, self.energy, self.energy_short, self.images = [], [], [], []
+        self.cpu_rows, self.flop_rows = [], []
+        self.flops_total = 0  # every FLOP counted, in steps or not: windows take differences
         self.events = []  # (step, phase index, start, end) on the aligned clock
         self.windows = {}
-        self._row = None
+        self._row = self._cpu = self._flops = None
         self._energy0 = None
 
     def now(self) -> float:
@@ -40,7 +44,7 @@ class PhaseTimer:
     def start_step(self, step: int, warmup: bool):
         if self.sync:
             self.sync()
-        self._row = np.zeros(len(PHASES))
+        self._row, self._cpu, self._flops = np.zeros(len(PHASES)), np.zeros(len(PHASES)), np.zeros(len(PHASES))
         self.steps.append(step)
         self.warmup.append(warmup)
         self._energy0 = self._read_energy()
@@ -51,15 +55,16 @@ class PhaseTimer:
         i = PHASES.index(name)
         if self.sync:
             self.sync()
-        t0 = self.now()
+        t0, c0 = self.now(), time.process_time()
         try:
             yield
         finally:
             if self.sync:
                 self.sync()
-            t1 = self.now()
+            t1, c1 = self.now(), time.process_time()
             if self._row is not None:
                 self._row[i] += t1 - t0
+                self._cpu[i] += c1 - c0
                 if len(self.steps) <= self.keep_events:
                     self.events.append((self.steps[-1], i, t0, t1))
 
@@ -73,25 +78,35 @@ class PhaseTimer:
         period = getattr(self.meter, "update_period_s", 0.0) if self.meter is not None else 0.0
         self.energy_short.append(self.t_end[-1] - self.t_start[-1] < 2 * period)
         self.rows.append(self._row)
+        self.cpu_rows.append(self._cpu)
+        self.flop_rows.append(self._flops)
         self.losses.append(loss)
         self.images.append(images)
-        self._row = None
+        self._row = self._cpu = self._flops = None
+
+    def add_flops(self, name: str, flops: int):
+        """FLOPs done in a phase (counted by the caller, see flops.py): into the step's row when
+        a step is open, and always into the running total that windows difference."""
+        self.flops_total += flops
+        if self._flops is not None:
+            self._flops[PHASES.index(name)] += flops
 
     @contextmanager
     def window(self, name: str):
         """A run phase (train, sample, metrics) with its own time and energy."""
         if self.sync:
             self.sync()
-        e0, t0 = self._read_energy(), self.now()
+        e0, t0, c0, f0 = self._read_energy(), self.now(), time.process_time(), self.flops_total
         try:
             yield
         finally:
             if self.sync:
                 self.sync()
-            t1, e1 = self.now(), self._read_energy()
+            t1, e1, c1 = self.now(), self._read_energy(), time.process_time()
             energy = e1 - e0 if e1 is not None and e0 is not None else float("nan")
             short = bool(self.meter is not None and t1 - t0 < 2 * getattr(self.meter, "update_period_s", 0.0))
-            self.windows[name] = {"start": t0, "end": t1, "energy_j": energy, "energy_short_window": short}
+            self.windows[name] = {"start": t0, "end": t1, "energy_j": energy, "energy_short_window": short,
+                                  "cpu_seconds": c1 - c0, "flops": float(self.flops_total - f0)}
 
     @contextmanager
     def loose(self, name: str):
@@ -105,6 +120,8 @@ class PhaseTimer:
             "step": np.asarray(self.steps[:n], dtype=np.int64),
             "warmup": np.asarray(self.warmup[:n], dtype=bool),
             "phase_seconds": np.asarray(self.rows, dtype=np.float64).reshape(n, len(PHASES)),
+            "phase_cpu_seconds": np.asarray(self.cpu_rows[:n], dtype=np.float64).reshape(n, len(PHASES)),
+            "phase_flops": np.asarray(self.flop_rows[:n], dtype=np.float64).reshape(n, len(PHASES)),
             "step_start": np.asarray(self.t_start[:n], dtype=np.float64),
             "step_end": np.asarray(self.t_end[:n], dtype=np.float64),
             "loss": np.asarray(self.losses, dtype=np.float64),

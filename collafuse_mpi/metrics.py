@@ -2,8 +2,11 @@
 
 Images are float tensors [N, C, H, W] in [-1, 1], C = 1 or 3. See docs/metrics.md.
 
-KID runs on one of two feature sets, and a KID value only means something next to
+KID runs on one of these feature sets, and a KID value only means something next to
 other values from the same set:
+  "digits-classifier", "shapes-classifier"
+                 a small classifier trained on that embedded dataset (features.py, weights
+                 shipped in the package): the default for those datasets.
   "inception"    torchmetrics' Inception-v3 (torch-fidelity weights), used when the weights
                  file is already on disk; nothing here ever downloads it.
   "random-conv"  a fixed random conv net, built from a fixed seed: works offline, anywhere.
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FEATURE_SETS = ("inception", "random-conv")
+from . import features as domain
+
+FEATURE_SETS = ("inception", "random-conv") + tuple(domain.name_for(d) for d in domain.DOMAIN_DATASETS)
 # torch-fidelity (0.4.0 read) fetches this file with torch.hub.load_state_dict_from_url, which reads
 # <torch.hub.get_dir()>/checkpoints/<file name> when it exists and downloads it otherwise.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -57,9 +62,12 @@ def _inception_problem() -> str | None:
     return None
 
 
-def feature_set(name: str = "auto") -> str:
-    """Resolve the KID feature set: 'auto' -> 'inception' if usable offline, else 'random-conv'."""
+def feature_set(name: str = "auto", dataset: str | None = None) -> str:
+    """Resolve the KID feature set. 'auto': the dataset's own classifier for an embedded dataset
+    (digits, shapes), else 'inception' if usable offline, else 'random-conv'."""
     if name == "auto":
+        if dataset is not None and domain.available(dataset):
+            return domain.name_for(dataset)
         return "inception" if _inception_problem() is None else "random-conv"
     if name not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {name!r}; expected 'auto' or one of {FEATURE_SETS}")
@@ -67,7 +75,17 @@ def feature_set(name: str = "auto") -> str:
         problem = _inception_problem()
         if problem is not None:
             raise RuntimeError(f"feature set 'inception' unavailable: {problem}")
+    own = domain.dataset_of(name)
+    if own is not None and not domain.available(own):
+        raise RuntimeError(f"feature set {name!r} unavailable: no weights in {domain.WEIGHTS_DIR}")
     return name
+
+
+def _extractor(fs: str):
+    """(network, input preparation) of a resolved offline feature set (not inception)."""
+    if fs == "random-conv":
+        return RandomConvFeatures(), (lambda x: x)  # noqa: E731  (takes [-1, 1] directly)
+    return domain.DomainFeatures(domain.dataset_of(fs)), (lambda x: x)  # noqa: E731
 
 
 class RandomConvFeatures(nn.Module):
@@ -116,7 +134,7 @@ def _to_uint8_rgb(x: Tensor) -> Tensor:
 
 
 def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
-        subset_size: int | None = None, seed: int = 0) -> dict:
+        subset_size: int | None = None, seed: int = 0, dataset: str | None = None) -> dict:
     """Kernel Inception Distance (unbiased MMD^2, cubic kernel) between two image sets.
 
     Mean/std over `subsets` random subsets of `subset_size` images per side. `seed` only fixes the
@@ -128,7 +146,7 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
     for name, t in (("real", real), ("fake", fake)):
         if t.ndim != 4 or t.shape[1] not in (1, 3):
             raise ValueError(f"{name}: expected [N, 1 or 3, H, W] images, got {tuple(t.shape)}")
-    fs = feature_set(features)
+    fs = feature_set(features, dataset)
     n_real, n_fake = real.shape[0], fake.shape[0]
     if subset_size is None:
         subset_size = min(n_real, n_fake, 1000)
@@ -144,9 +162,8 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
             metric = KernelInceptionDistance(feature=2048, subsets=subsets, subset_size=subset_size)
             prep = _to_uint8_rgb
         else:
-            metric = KernelInceptionDistance(feature=RandomConvFeatures(), subsets=subsets,
-                                             subset_size=subset_size)
-            prep = lambda x: x  # noqa: E731  (the extractor takes [-1, 1] directly)
+            net, prep = _extractor(fs)
+            metric = KernelInceptionDistance(feature=net, subsets=subsets, subset_size=subset_size)
     with torch.no_grad():
         for imgs, is_real in ((real, True), (fake, False)):
             for i in range(0, imgs.shape[0], _CHUNK):
@@ -160,14 +177,14 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
             "n_real": int(n_real), "n_fake": int(n_fake)}
 
 
-def extract_features(images: Tensor, features: str = "auto") -> Tensor:
+def extract_features(images: Tensor, features: str = "auto", dataset: str | None = None) -> Tensor:
     """[N, D] features of one image set with the given feature set (for pooling across ranks)."""
-    fs = feature_set(features)
+    fs = feature_set(features, dataset)
     if fs == "inception":
         from torchmetrics.image.kid import KernelInceptionDistance
         net, prep = KernelInceptionDistance(feature=2048).inception, _to_uint8_rgb
     else:
-        net, prep = RandomConvFeatures(), (lambda x: x)  # noqa: E731
+        net, prep = _extractor(fs)
     with torch.no_grad():
         parts = [net(prep(images[i:i + _CHUNK].detach().cpu())) for i in range(0, images.shape[0], _CHUNK)]
     return torch.cat(parts).double()

@@ -116,6 +116,7 @@ class Server:
             x = torch.randn((n, *self.image_shape), generator=gen).to(self.device)
             kk = torch.full((n,), k, dtype=torch.long, device=self.device)
             pairs = schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")
+            self.timer.add_flops("sample", len(pairs) * self.learner.flops(x, kk, kk))
             with self.timer.phase("sample"):
                 x = schedule.run_chain(self.sched, lambda x, t: model(x, t, kk), x, k, pairs,
                                        d.sampler, gen, clip=schedule.anchor_bound(self.sched, k),

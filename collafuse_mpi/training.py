@@ -98,6 +98,8 @@ class Learner:
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
         self.ema = EMA(model, ema_decay)
         self.grad_clip = grad_clip
+        from .flops import FlopCache
+        self.flops = FlopCache(model)  # forward FLOPs per input shape, counted once each
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.model.state_dict()}
@@ -110,6 +112,9 @@ class Learner:
     def step(self, timer, eps, *inputs) -> float:
         if self.channels_last:
             inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
+        f = self.flops(*inputs)  # outside the phases: a 1-image forward the first time a shape is seen
+        timer.add_flops("forward", f)
+        timer.add_flops("backward", 2 * f)
         with timer.phase("forward"):
             device = inputs[0].device.type
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):

@@ -67,3 +67,48 @@ def test_energy_per_step_and_window():
 def test_clock_offset_is_applied():
     t = PhaseTimer(clock_offset=1000.0)
     assert t.now() - time.perf_counter() > 999
+
+
+def _spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_seconds_per_phase_count_work_not_sleep():
+    """process_time lands in the phase that burned it; a sleeping phase has wall time, ~no CPU."""
+    t = PhaseTimer()
+    t.start_step(0, warmup=False)
+    with t.phase("forward"):
+        _spin(0.05)
+    with t.phase("wait"):
+        time.sleep(0.05)
+    t.end_step()
+    a = t.arrays()
+    cpu, wall = a["phase_cpu_seconds"][0], a["phase_seconds"][0]
+    f, w = PHASES.index("forward"), PHASES.index("wait")
+    assert a["phase_cpu_seconds"].shape == (1, len(PHASES))
+    assert cpu[f] >= 0.05 and wall[f] >= 0.05
+    assert wall[w] >= 0.05 and cpu[w] < 0.02
+    assert np.all(cpu[[i for i in range(len(PHASES)) if i not in (f, w)]] == 0)
+
+
+def test_flops_rows_and_windows():
+    """add_flops goes to the open step's phase column, and every FLOP (in a step or not) to the
+    window it happened in; CPU seconds of a window are measured too."""
+    t = PhaseTimer()
+    with t.window("train"):
+        for step in range(2):
+            t.start_step(step, warmup=False)
+            t.add_flops("forward", 10)
+            t.add_flops("backward", 20)
+            t.end_step()
+    with t.window("sample"):
+        t.add_flops("sample", 7)  # outside any step: only the window sees it
+        _spin(0.02)
+    a = t.arrays()
+    assert a["phase_flops"][:, PHASES.index("forward")].tolist() == [10, 10]
+    assert a["phase_flops"][:, PHASES.index("backward")].tolist() == [20, 20]
+    assert a["phase_flops"].sum() == 60
+    assert t.windows["train"]["flops"] == 60 and t.windows["sample"]["flops"] == 7
+    assert t.windows["sample"]["cpu_seconds"] >= 0.02

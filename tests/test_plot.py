@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CUTS = (0.3, 1.0)  # 0.3: everything (messages, disclosure, server view); 1.0: purely local, server idle
 STORE_REAL = {0.3: True, 1.0: False}  # held-out images in the file only on request: one run each way
 FIGURE_STEMS = ("phases", "timeline", "energy", "kid-*", "disclosure", "bytes",
-                "samples-cut0.3-n2", "samples-cut1-n2", "scaling")
+                "samples-cut0.3-n2", "samples-cut1-n2", "scaling", "trends")
 
 
 def _gather_copies(self, obj, root=0, what=""):

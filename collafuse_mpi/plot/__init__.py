@@ -1,7 +1,7 @@
 """`collafuse-plot`: figures from one or more CollaFuse results files.
 
     collafuse-plot results.h5 [more.h5 ...] [-o figures/] [--format png,pdf]
-                   [--only disclosure,phases,timeline,energy,kid,bytes,samples,scaling]
+                   [--only disclosure,phases,timeline,energy,kid,bytes,samples,scaling,trends]
                    [--timeline-steps FIRST:LAST]
 
 Files are read with `collafuse_mpi.results.read` (h5py + numpy; layout in
@@ -10,7 +10,8 @@ docs/results-schema.md). Runs from every file are merged and grouped by configur
 run of each group. This package never imports torch or mpi4py: it runs on a login node.
 
 Modules: runs (reading and grouping runs), style (figure helpers), timing (phases, timeline,
-energy), privacy (disclosure), quality (KID, samples), traffic (bytes, scaling), cli (the command).
+energy), privacy (disclosure), quality (KID, samples), traffic (bytes, scaling), trends (mean and
+CI over seeds against cut, compute shares), cli (the command).
 
 Exit status:
   0  at least one figure was written (figures whose data were missing are named on stderr)
@@ -36,6 +37,7 @@ from .style import (OTHER_COLOR, PHASE_COLORS, cut_axis, empty_message, footnote
                     new_figure, phase_colors, time_unit)
 from .timing import fig_energy, fig_phases, fig_timeline  # noqa: E402
 from .traffic import fig_bytes, fig_scaling, throughput, wait_fraction  # noqa: E402
+from .trends import client_share, fig_trends, mean_ci, trend_data  # noqa: E402
 
 __all__ = [
     "DEFAULT_PHASES", "DPI", "DRAW", "FIGURES", "FORMATS", "IGNORED_CONFIG", "MAX_PANELS", "OTHER_COLOR",
@@ -43,5 +45,5 @@ __all__ = [
     "config_label", "cut_axis", "empty_message", "fig_bytes", "fig_disclosure", "fig_energy", "fig_kid",
     "fig_phases", "fig_samples", "fig_scaling", "fig_timeline", "footnote", "kid_data", "load", "main",
     "n_steps", "new_figure", "phase_colors", "sample_panels", "save", "steady", "throughput", "tile",
-    "time_unit", "wait_fraction",
+    "time_unit", "wait_fraction", "client_share", "fig_trends", "mean_ci", "trend_data",
 ]

@@ -12,9 +12,11 @@ from .quality import fig_kid, fig_samples
 from .runs import DPI, FIGURES, FORMATS, PROG, Ctx, Missing, config_differences, load
 from .timing import fig_energy, fig_phases, fig_timeline
 from .traffic import fig_bytes, fig_scaling
+from .trends import fig_trends
 
 DRAW = {"phases": fig_phases, "timeline": fig_timeline, "energy": fig_energy, "kid": fig_kid,
-        "disclosure": fig_disclosure, "bytes": fig_bytes, "samples": fig_samples, "scaling": fig_scaling}
+        "disclosure": fig_disclosure, "bytes": fig_bytes, "samples": fig_samples, "scaling": fig_scaling,
+        "trends": fig_trends}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -70,6 +72,8 @@ def cli(files, output_dir, formats, only, timeline_steps):
       bytes       bytes per step and achieved bandwidth per message kind
       samples     image grids per client: real (if stored), generated, server view (samples-cut<c>-n<N>)
       scaling     throughput and server wait fraction against number of clients
+      trends      KID, disclosure, step time and the clients' share of FLOPs, CPU and energy
+                  against cut: mean and 95% CI over runs that differ only in seed
 
     \b
     Exit status: 0 at least one figure written; 1 no figure could be drawn;

@@ -12,7 +12,7 @@ import numpy as np
 # h5py (through ..results) is imported lazily, so that main() can first switch off HDF5 file locking.
 
 PROG = "collafuse-plot"
-FIGURES = ("disclosure", "phases", "timeline", "energy", "kid", "bytes", "samples", "scaling")
+FIGURES = ("disclosure", "phases", "timeline", "energy", "kid", "bytes", "samples", "scaling", "trends")
 FORMATS = ("png", "pdf", "svg")
 DEFAULT_PHASES = ("data", "noise", "forward", "backward", "optimizer", "send", "recv", "wait",
                   "sample", "metrics", "checkpoint", "io")
