@@ -492,8 +492,10 @@ class MPITransport:
         poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
         return box[0]
 
-    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0"):
-        """objs[r] to rank r (objs is read on the root only); after the run, never on the hot path."""
+    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0", timeout=None):
+        """objs[r] to rank r (objs is read on the root only); after the run, never on the hot path.
+        timeout: the receivers' deadline when the root has long work before it (default: the usual)."""
+        timeout = timeout or self.timeout
         if self.rank == root:
             self._wait_all({r: self.comm.isend(objs[r], dest=r, tag=SCATTER_TAG)
                             for r in range(self.size) if r != root}, what)
@@ -505,7 +507,7 @@ class MPITransport:
             if msg is not None:
                 box.append(msg.recv())
             return bool(box)
-        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
+        poll(arrived, None, timeout, lambda: late(self.rank, [root], what, timeout), what, watch=self.watch)
         return box[0]
 
     def barrier(self, what="at a barrier"):

@@ -150,8 +150,11 @@ class PrivacyConfig:
     reid_views: int = 512
     """Views scored by re-identification."""
     link_z: float = 3.0
-    """Linking threshold: two views are linked when their squared distance is below the
-    same-image mean 2(1-abar)D by less than link_z standard deviations above it."""
+    """Linking threshold: a view is linked to views of other steps whose likelihood-ratio distance
+    is below its mean for one image plus link_z standard deviations (docs/privacy.md)."""
+    max_seconds: float = 3600.0
+    """How long the clients wait for rank 0's attacks (beyond run.recv_timeout) before they end
+    the job naming rank 0."""
 
 
 @dataclass
@@ -519,6 +522,7 @@ def _privacy_problems(cfg: Config) -> list[str]:
         v = getattr(p, name)
         _check(_is_int(v) and v >= 1, f"privacy.{name} must be an integer >= 1")
     _check(_is_number(p.link_z) and p.link_z > 0, "privacy.link_z must be > 0")
+    _check(_is_number(p.max_seconds) and p.max_seconds > 0, "privacy.max_seconds must be > 0")
     return problems
 
 

@@ -87,14 +87,14 @@ class LoopbackTransport:
             raise ValueError(f"rank {self.rank}: {KIND_NAMES.get(kind, kind)} from rank {source} {bad}")
         return info, target.view(info["shape"]).copy_(payload)
 
-    def barrier(self, what="at a barrier"):
-        start = time.monotonic()
+    def barrier(self, what="at a barrier", timeout=None):
+        start, timeout = time.monotonic(), timeout or self.timeout
         try:
-            self._barrier.wait(timeout=self.timeout)
+            self._barrier.wait(timeout=timeout)
         except threading.BrokenBarrierError:
-            if time.monotonic() - start < self.timeout:
+            if time.monotonic() - start < timeout:
                 raise  # a peer failed and broke it
-            raise TimeoutError(f"rank {self.rank}: not every rank arrived within {self.timeout:g} s {what}") from None
+            raise TimeoutError(f"rank {self.rank}: not every rank arrived within {timeout:g} s {what}") from None
 
     def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
         self._mail.slots[self.rank] = obj
@@ -103,10 +103,10 @@ class LoopbackTransport:
         self.barrier(what)
         return out
 
-    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0"):
+    def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0", timeout=None):
         if self.rank == root:
             self._mail.slots["scatter"] = list(objs)
-        self.barrier(what)
+        self.barrier(what, timeout)
         out = self._mail.slots["scatter"][self.rank]
         self.barrier(what)
         return out

@@ -59,6 +59,7 @@ def _run_loopback_runs(path, config, run):
         cfg.run.quiet = True
         cfg.run.save_models = False
         cfg.run.store_real = STORE_REAL[cut]
+        cfg.privacy.attacks = "quick"  # the learned attacker's training is tested on its own
         run.run_loopback(cfg, 2)
 
 

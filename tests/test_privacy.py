@@ -147,3 +147,27 @@ def test_rank0_attacks_use_only_what_it_received(tmp_path):
         for name in ("scalar", "linear", "public_linear"):
             psnr = float(metrics.psnr(pkg["recon"][name], x0).mean())
             assert psnr == pytest.approx(run["metrics"][f"client_{c}"]["privacy"]["reconstruction"][name]["psnr"], abs=1e-3)
+
+
+def test_every_attack_reports_and_the_headline_is_the_strongest(tmp_path):
+    out = tmp_path / "r.h5"
+    p = launch(3, [*TINY, "--timesteps", str(T), "--cut", str(CUT), "--steps", "6", "-o", str(out),
+                   "--set", "privacy.attacks=all", "--set", "privacy.learned_steps=20"])
+    assert p.returncode == 0, p.stderr
+    assert "disclosure: strongest attack" in p.stdout
+    run = next(iter(results.read(out)["runs"].values()))
+    pooled = run["metrics"]["pooled"]["privacy"]
+    assert set(pooled["reconstruction"]) == {"scalar", "linear", "public_linear", "learned"}
+    assert set(pooled["linked"]) == {"linear", "learned"}
+    assert {"server", "client"} <= set(pooled["membership"]) and {"m10", "m100"} <= set(pooled["reid"])
+    scores = {n: q["psnr"] for n, q in pooled["reconstruction"].items()}
+    scores.update({f"multiview_{n}": q["psnr"] for n, q in pooled["linked"].items()})
+    best = max(scores, key=scores.get)
+    assert run["disclosure_attack"] == pooled["headline"]["attack"] == best
+    assert run["disclosure_psnr"] == pytest.approx(scores[best])
+    cost = pooled["cost"]["learned_training"]
+    assert cost["steps"] == 20 and cost["seconds"] > 0 and cost["train_flops"] > 0
+    for c in (0, 1):  # each client's own analytic anchors, per message and per run
+        a = run["metrics"][f"client_{c}"]["privacy"]["analytic"]
+        assert a["linear_mse"] <= a["scalar_mse"] <= a["rescale_mse"] + 1e-9
+        assert a["mi_bits"] <= a["mi_diagonal_bits"] and a["mi_bits_run"] >= a["mi_bits"]

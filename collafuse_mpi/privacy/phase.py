@@ -36,7 +36,8 @@ def server_side(cfg, tp, server, names: tuple) -> dict:
 def client_side(cfg, tp, client, final, names: tuple) -> dict | None:
     """A client: receive the package rank 0 made from this client's messages, score it."""
     from .score import score
-    pkg = tp.scatter_obj(None)
+    # rank 0 trains and runs its attacks meanwhile: its deadline is the attack phase's own
+    pkg = tp.scatter_obj(None, timeout=cfg.run.recv_timeout + cfg.privacy.max_seconds)
     if pkg is None:
         return None
     return score(client, pkg, final, names, derive_seed(cfg.run.seed, client.rank, "privacy") % (2**31))
