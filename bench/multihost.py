@@ -38,7 +38,8 @@ PROBE = os.path.join(common.REPO, "scripts", "netns_probe.py")
 PREFIX = "cfbench"
 # name, tc rate, one-way delay (us), nominal bandwidth (Gbit/s) and latency (us) given to the model
 SETTINGS = [("unshaped", "none", 0, None, None), ("10gbit+50us", "10gbit", 50, 10.0, 50.0),
-            ("1gbit+200us", "1gbit", 200, 1.0, 200.0), ("10mbit", "10mbit", 0, 0.01, 0.0)]
+            ("1gbit+200us", "1gbit", 200, 1.0, 200.0), ("10mbit", "10mbit", 0, 0.01, 0.0),
+            ("2mbit", "2mbit", 0, 0.002, 0.0)]
 ENV = dict(os.environ, CF_NETNS_PREFIX=PREFIX)
 
 
@@ -144,6 +145,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eager-limit", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="2 and 4 clients, unshaped and 10mbit, 8 steps")
+    ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+    ap.add_argument("--calibration", default="", metavar="JSON",
+                    help="take the unshaped runs from this earlier record instead of running them")
     ap.add_argument("--out", default="multihost")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -151,12 +155,24 @@ def main(argv=None):
     clients = [int(v) for v in args.clients.split(",")]
     settings = SETTINGS
     if args.quick:
-        clients, settings, args.steps = [2, 4], [SETTINGS[0], SETTINGS[-1]], 8
+        clients, settings, args.steps = [2, 4], [SETTINGS[0], SETTINGS[3]], 8
+    if args.only:
+        settings = [s for s in SETTINGS if s[0] in args.only.split(",")]
+    cal = {}
+    if args.calibration:
+        with open(args.calibration) as fh:
+            earlier = json.load(fh)
+        cal = {r["n_clients"]: r for st in earlier["settings"] if st["rate"] == "none" for r in st["runs"]}
+        if args.batch_size != earlier["batch_size"] or args.steps != earlier["steps"]:
+            raise SystemExit("--calibration: the earlier record used other --batch-size/--steps")
+    missing = [n for n in clients if n not in cal and not any(s[1] == "none" for s in settings)]
+    if missing:
+        raise SystemExit(f"no unshaped run for N = {missing}: include the unshaped setting or --calibration")
     t0 = time.perf_counter()
     cluster("down", check=False)
     cluster("up", str(max(clients) + 1))
     tmp = tempfile.mkdtemp(prefix="cf-multihost-")
-    out, cal = [], {}
+    out = []
     try:
         for name, rate, delay, bw, lat in settings:
             cluster("shape", rate, f"{delay}us")
@@ -181,7 +197,7 @@ def main(argv=None):
     finally:
         cluster("down", check=False)
     rec = {"benchmark": "multihost", "command": common.command(), "machine": common.machine(),
-           "settings": out, "clients": clients, "steps": args.steps, "batch_size": args.batch_size,
+           "settings": out, "clients": clients, "calibration": args.calibration, "steps": args.steps, "batch_size": args.batch_size,
            "elapsed_s": time.perf_counter() - t0}
     paths = common.write(args.out, rec, markdown(rec))
     print("wrote", *paths)
