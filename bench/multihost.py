@@ -3,10 +3,12 @@
     flock /tmp/cpu.lock python bench/multihost.py          # root; ~15 min on 2 cores; writes
                                                            # bench/results/multihost.{json,md}
     flock /tmp/cpu.lock python bench/multihost.py --quick  # 2 and 4 clients, 2 link settings
+    python bench/multihost.py --only 2mbit --calibration bench/results/multihost.json --out multihost-2mbit
+                                                           # one more setting, same unshaped runs
 
 One server and N clients, each rank on its own emulated host (scripts/netns-cluster.sh: network
 namespaces, a veth each to a switch, tbf rate and NFQUEUE delay per link), for N = 2, 4, 8 and link
-settings unshaped, 10 Gbit/s + 50 us, 1 Gbit/s + 200 us and 10 Mbit/s (communication dominates).
+settings unshaped, 10 Gbit/s + 50 us, 1 Gbit/s + 200 us, 10 Mbit/s and 2 Mbit/s (the wire dominates).
 Per setting the link itself is probed first (UDP round trip, one TCP stream into the server's host).
 
 The check, per (setting, N): bench/projection.py's model `project()` with the link's nominal rate
@@ -98,7 +100,8 @@ def compare(run: dict, p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
     comm = s["recv_s"] + s["wait_s"]  # the server's step less its compute and io: what the link and clients cost
     pred_comm = pred["step_s"]["pipelined"] - pred["compute_s"]
     return {"bandwidth_gbit": bw_gbit, "latency_us": lat_us, "pred_step_s": pred["step_s"]["pipelined"],
-            "pred_recv_s": pred["recv_s"], "pred_comm_s": pred_comm, "pred_compute_s": pred["compute_s"], "pred_client_s": pred["client_s"],
+            "pred_recv_s": pred["recv_s"], "pred_comm_s": pred_comm, "pred_compute_s": pred["compute_s"],
+            "pred_client_s": pred["client_s"],
             "pred_wire_s": pred["wire_s"], "pred_latency_s": pred["latency_s"], "pred_host_s": pred["host_s"],
             "meas_step_s": s["step_s"], "meas_comm_s": comm, "meas_recv_s": s["recv_s"], "meas_wait_s": s["wait_s"],
             "meas_compute_s": s["compute_s"], "bottleneck": pred["bottleneck"],
@@ -197,7 +200,8 @@ def main(argv=None):
     finally:
         cluster("down", check=False)
     rec = {"benchmark": "multihost", "command": common.command(), "machine": common.machine(),
-           "settings": out, "clients": clients, "calibration": args.calibration, "steps": args.steps, "batch_size": args.batch_size,
+           "settings": out, "clients": clients, "calibration": args.calibration, "steps": args.steps,
+           "batch_size": args.batch_size,
            "elapsed_s": time.perf_counter() - t0}
     paths = common.write(args.out, rec, markdown(rec))
     print("wrote", *paths)
