@@ -3,10 +3,12 @@
     flock /tmp/cpu.lock python bench/multihost.py          # root; ~15 min on 2 cores; writes
                                                            # bench/results/multihost.{json,md}
     flock /tmp/cpu.lock python bench/multihost.py --quick  # 2 and 4 clients, 2 link settings
+    python bench/multihost.py --only 2mbit --calibration bench/results/multihost.json --out multihost-2mbit
+                                                           # one more setting, same unshaped runs
 
 One server and N clients, each rank on its own emulated host (scripts/netns-cluster.sh: network
 namespaces, a veth each to a switch, tbf rate and NFQUEUE delay per link), for N = 2, 4, 8 and link
-settings unshaped, 10 Gbit/s + 50 us, 1 Gbit/s + 200 us and 10 Mbit/s (communication dominates).
+settings unshaped, 10 Gbit/s + 50 us, 1 Gbit/s + 200 us, 10 Mbit/s and 2 Mbit/s (the wire dominates).
 Per setting the link itself is probed first (UDP round trip, one TCP stream into the server's host).
 
 The check, per (setting, N): bench/projection.py's model `project()` with the link's nominal rate
@@ -38,7 +40,8 @@ PROBE = os.path.join(common.REPO, "scripts", "netns_probe.py")
 PREFIX = "cfbench"
 # name, tc rate, one-way delay (us), nominal bandwidth (Gbit/s) and latency (us) given to the model
 SETTINGS = [("unshaped", "none", 0, None, None), ("10gbit+50us", "10gbit", 50, 10.0, 50.0),
-            ("1gbit+200us", "1gbit", 200, 1.0, 200.0), ("10mbit", "10mbit", 0, 0.01, 0.0)]
+            ("1gbit+200us", "1gbit", 200, 1.0, 200.0), ("10mbit", "10mbit", 0, 0.01, 0.0),
+            ("2mbit", "2mbit", 0, 0.002, 0.0)]
 ENV = dict(os.environ, CF_NETNS_PREFIX=PREFIX)
 
 
@@ -97,7 +100,8 @@ def compare(run: dict, p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
     comm = s["recv_s"] + s["wait_s"]  # the server's step less its compute and io: what the link and clients cost
     pred_comm = pred["step_s"]["pipelined"] - pred["compute_s"]
     return {"bandwidth_gbit": bw_gbit, "latency_us": lat_us, "pred_step_s": pred["step_s"]["pipelined"],
-            "pred_recv_s": pred["recv_s"], "pred_comm_s": pred_comm, "pred_compute_s": pred["compute_s"], "pred_client_s": pred["client_s"],
+            "pred_recv_s": pred["recv_s"], "pred_comm_s": pred_comm, "pred_compute_s": pred["compute_s"],
+            "pred_client_s": pred["client_s"],
             "pred_wire_s": pred["wire_s"], "pred_latency_s": pred["latency_s"], "pred_host_s": pred["host_s"],
             "meas_step_s": s["step_s"], "meas_comm_s": comm, "meas_recv_s": s["recv_s"], "meas_wait_s": s["wait_s"],
             "meas_compute_s": s["compute_s"], "bottleneck": pred["bottleneck"],
@@ -144,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eager-limit", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="2 and 4 clients, unshaped and 10mbit, 8 steps")
+    ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+    ap.add_argument("--calibration", default="", metavar="JSON",
+                    help="take the unshaped runs from this earlier record instead of running them")
     ap.add_argument("--out", default="multihost")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -151,12 +158,24 @@ def main(argv=None):
     clients = [int(v) for v in args.clients.split(",")]
     settings = SETTINGS
     if args.quick:
-        clients, settings, args.steps = [2, 4], [SETTINGS[0], SETTINGS[-1]], 8
+        clients, settings, args.steps = [2, 4], [SETTINGS[0], SETTINGS[3]], 8
+    if args.only:
+        settings = [s for s in SETTINGS if s[0] in args.only.split(",")]
+    cal = {}
+    if args.calibration:
+        with open(args.calibration) as fh:
+            earlier = json.load(fh)
+        cal = {r["n_clients"]: r for st in earlier["settings"] if st["rate"] == "none" for r in st["runs"]}
+        if args.batch_size != earlier["batch_size"] or args.steps != earlier["steps"]:
+            raise SystemExit("--calibration: the earlier record used other --batch-size/--steps")
+    missing = [n for n in clients if n not in cal and not any(s[1] == "none" for s in settings)]
+    if missing:
+        raise SystemExit(f"no unshaped run for N = {missing}: include the unshaped setting or --calibration")
     t0 = time.perf_counter()
     cluster("down", check=False)
     cluster("up", str(max(clients) + 1))
     tmp = tempfile.mkdtemp(prefix="cf-multihost-")
-    out, cal = [], {}
+    out = []
     try:
         for name, rate, delay, bw, lat in settings:
             cluster("shape", rate, f"{delay}us")
@@ -181,7 +200,8 @@ def main(argv=None):
     finally:
         cluster("down", check=False)
     rec = {"benchmark": "multihost", "command": common.command(), "machine": common.machine(),
-           "settings": out, "clients": clients, "steps": args.steps, "batch_size": args.batch_size,
+           "settings": out, "clients": clients, "calibration": args.calibration, "steps": args.steps,
+           "batch_size": args.batch_size,
            "elapsed_s": time.perf_counter() - t0}
     paths = common.write(args.out, rec, markdown(rec))
     print("wrote", *paths)

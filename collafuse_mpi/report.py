@@ -42,8 +42,8 @@ def begin(cfg, tp, ks, resume_step: int = 0):
             "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
             "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
             "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
-            "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES), "command": " ".join(sys.argv),
-            "transport_settings": transport_settings()}
+            "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES),
+            "command": " ".join(sys.argv), "transport_settings": transport_settings()}
     name = writer.begin_run(name, cfg.to_dict(), meta)
     return writer, name
 
