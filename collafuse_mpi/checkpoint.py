@@ -22,14 +22,29 @@ def save(cfg, rank: int, step: int, state: dict) -> str:
     return path
 
 
+def steps(cfg) -> list[int]:
+    """Steps that have a folder (complete or not), newest first."""
+    root = folder(cfg)
+    if not os.path.isdir(root):
+        return []
+    return sorted((int(m.group(1)) for m in map(re.compile(r"step(\d+)$").match, os.listdir(root)) if m),
+                  reverse=True)
+
+
+def any_steps(cfg) -> bool:
+    """True when the folder holds a saved rank file: a fresh run must not mix its steps in."""
+    root = folder(cfg)
+    return any(any(n.endswith(".pt") for n in os.listdir(os.path.join(root, f"step{s:08d}"))) for s in steps(cfg))
+
+
+def latest_any(cfg) -> int:
+    return next(iter(steps(cfg)), 0)
+
+
 def latest_complete(cfg, ranks: list[int]) -> int:
     """The largest step with a checkpoint from every one of `ranks`, or 0 when there is none."""
     root = folder(cfg)
-    if not os.path.isdir(root):
-        return 0
-    steps = sorted((int(m.group(1)) for m in map(re.compile(r"step(\d+)$").match, os.listdir(root)) if m),
-                   reverse=True)
-    for step in steps:
+    for step in steps(cfg):
         d = os.path.join(root, f"step{step:08d}")
         if all(os.path.exists(os.path.join(d, f"rank{r}.pt")) for r in ranks):
             return step

@@ -191,6 +191,21 @@ class Handle:
         return not self.requests or self.requests[0].Testall(self.requests)  # one call into MPI
 
 
+class Vote:
+    """A max-reduction in flight; its buffers live until it completes."""
+
+    def __init__(self, request, buffers, timeout: float, rank: int):
+        self.request, self.buffers, self.timeout, self.rank = request, buffers, timeout, rank
+
+    def result(self) -> int:
+        if self.request is not None:
+            poll(self.request.Test, None, self.timeout,
+                 lambda: f"rank {self.rank}: a stop vote did not complete within {self.timeout:g} s (a peer hung)",
+                 "a stop vote")
+            self.request = None
+        return int(self.buffers[1][0])
+
+
 def cuda_aware_mpi() -> bool:
     """Ask the MPI library, through ctypes, whether it takes CUDA device pointers."""
     for lib in _mpi_libraries():
@@ -410,6 +425,15 @@ class MPITransport:
 
     def allreduce_max(self, value: float) -> float:
         return self.comm.allreduce(value, op=self.MPI.MAX)
+
+    def vote(self, value: int) -> "Vote":
+        """Start a max-reduction of one integer over all ranks (MPI_Iallreduce) and return at
+        once; `Vote.result()` later gives the maximum. Every rank must start the same votes in
+        the same order (they are collectives), so ranks start them at shared step edges."""
+        mine = np.array([value], dtype=np.int64)
+        out = np.zeros(1, dtype=np.int64)
+        req = self.comm.Iallreduce(mine, out, op=self.MPI.MAX)
+        return Vote(req, (mine, out), self.timeout, self.rank)
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Offset to add to this rank's perf_counter to get rank 0's (ping-pong, min round trip)."""

@@ -13,6 +13,7 @@ class _Mailboxes:
         self.lock = threading.Lock()
         self.boxes = {}
         self.slots = {}
+        self.votes = threading.Condition()
 
     def box(self, src, dst, kind) -> queue.Queue:
         with self.lock:
@@ -25,6 +26,17 @@ class _Done:
 
     def test(self):
         return True
+
+
+class _Vote:
+    def __init__(self, mail, key, size, timeout):
+        self.mail, self.key, self.size, self.timeout = mail, key, size, timeout
+
+    def result(self) -> int:
+        with self.mail.votes:
+            if not self.mail.votes.wait_for(lambda: len(self.mail.slots[self.key]) == self.size, self.timeout):
+                raise TimeoutError(f"a stop vote did not complete within {self.timeout:g} s")
+            return max(self.mail.slots[self.key])
 
 
 class LoopbackTransport:
@@ -42,6 +54,7 @@ class LoopbackTransport:
         self.stats = Stats()
         self.timeout = 600.0
         self._peeked = {}
+        self._votes = 0  # votes this role started; every role starts the same ones in order
 
     @staticmethod
     def group(size: int) -> list["LoopbackTransport"]:
@@ -109,6 +122,14 @@ class LoopbackTransport:
         out = max(self._mail.slots[("max", r)] for r in range(self.size))
         self.barrier()
         return out
+
+    def vote(self, value: int) -> "_Vote":
+        key = ("vote", self._votes)
+        self._votes += 1
+        with self._mail.votes:
+            self._mail.slots.setdefault(key, []).append(int(value))
+            self._mail.votes.notify_all()
+        return _Vote(self._mail, key, self.size, self.timeout)
 
     def clock_offset(self, rounds: int = 8) -> float:
         return 0.0
