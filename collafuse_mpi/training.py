@@ -37,7 +37,11 @@ def seeded(seed: int, build):
 
 def fault_point(rank: int, step: int) -> None:
     """Testing hooks: COLLAFUSE_FAIL_AT=rank:step raises there (the abort path);
-    COLLAFUSE_HANG_AT=rank:step stops answering there (the receive deadline)."""
+    COLLAFUSE_HANG_AT=rank:step stops answering there (the receive deadline);
+    COLLAFUSE_STEP_DELAY_S=s makes every step s seconds longer (a long job, for signal tests)."""
+    delay = os.environ.get("COLLAFUSE_STEP_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
     here = f"{rank}:{step}"
     if os.environ.get("COLLAFUSE_FAIL_AT") == here:
         raise RuntimeError(f"injected failure at step {step} (COLLAFUSE_FAIL_AT={here})")

@@ -29,6 +29,10 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert p.returncode == 0, p.stderr
     a, b = _run(whole), _run(parts, "second")
     assert b["resumed_from_step"] == 4
+    # the crashed run stayed "running"; the resumed one marks it and both name each other
+    first = _run(parts, "first")
+    assert first["status"] == "interrupted" and first["continued_in"] == f"{parts}::second"
+    assert b["resumed_from"] == f"{parts}::first"
     for rank in range(3):
         assert list(b["ranks"][rank]["step"]) == [4, 5, 6, 7]
         np.testing.assert_allclose(b["ranks"][rank]["loss"], a["ranks"][rank]["loss"][4:], rtol=1e-5, atol=1e-6)
