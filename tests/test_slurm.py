@@ -175,7 +175,7 @@ def test_warned_job_saves_requeues_and_resumes_to_the_same_losses(tmp_path):
     requeues itself, restarts with --resume into the same results file, and its losses, step for
     step, are those of an uninterrupted run of the same config (CPU: deterministic)."""
     from conftest import launch
-    h5py = pytest.importorskip("h5py")
+
     from collafuse_mpi import results
     args = (TINY.replace("--steps 3", "--steps 16") + " --seed 3 --run-name r"
             " --set run.stop_check_every=2 --set run.progress_every=0")
@@ -203,6 +203,7 @@ def test_warned_job_saves_requeues_and_resumes_to_the_same_losses(tmp_path):
     stop = first["stopped_at_step"]
     assert 2 <= stop < 16 and second["resumed_from_step"] == stop
     assert first["continued_in"].endswith("::r-2") and second["slurm"]["restart_count"] == "1"
+    assert first["slurm"]["job_id"] == second["slurm"]["job_id"] == jobid
     whole_path = tmp_path / "whole.h5"
     p = launch(3, [*shlex.split(args.replace("--set diffusion.sample_steps=4", "")), "--sample-steps", "4",
                    "-o", str(whole_path)])
@@ -212,7 +213,6 @@ def test_warned_job_saves_requeues_and_resumes_to_the_same_losses(tmp_path):
         losses = list(first["ranks"][rank]["loss"]) + list(second["ranks"][rank]["loss"])
         assert len(losses) == 16
         assert losses == pytest.approx(list(whole["ranks"][rank]["loss"]), rel=1e-5, abs=1e-6)
-    del h5py
 
 
 def test_srun_without_pmi_says_the_ranks_could_not_form_one_world(tmp_path):

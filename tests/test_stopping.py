@@ -79,6 +79,10 @@ def test_stop_saves_every_rank_at_one_edge_and_resume_matches(tmp_path):
     p = launch(3, [*ARGS, "-o", str(parts), "--append", "--resume", "--run-name", "second"])
     assert p.returncode == 0, p.stderr
     a, b = _run(whole, "whole"), _run(parts, "second")
+    # where it ran: no SLURM here; this host's CPUs; every rank's placement
+    assert a["slurm"] == {} and a["cpu"]["logical_cores"] == os.cpu_count()
+    assert [r["local_rank"] for r in a["placement"]] == [0, 1, 2]
+    assert a["oversubscribed"] == (3 > len(set().union(*(r["cpus"] for r in a["placement"]))))
     assert b["resumed_from_step"] == 8 and b["resumed_from"] == f"{parts}::first"
     assert _run(parts, "first")["continued_in"] == f"{parts}::second"
     assert _run(parts, "first")["status"] == "stopped"  # it stopped cleanly: not "interrupted"
