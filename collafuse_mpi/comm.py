@@ -133,26 +133,14 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
              client=info["client"], step=info["step"])
 
 
-INTERRUPT_GRACE_S = 1.0
 SPIN_S = 5e-4  # poll without sleeping this long first: the shortest sleep costs ~60 us on Linux
 SPIN_BYTES_PER_S = 1e9  # a send keeps spinning while its bytes could still be moving at this rate
 TIGHT_POLLS = 64  # polls back to back first (tens of us, no system call): a landing message is seen at once
-_interrupt_seen = {}
 
 
-def _given_up(event) -> bool:
-    """True once `event` has been set for a grace period: a wait that a live peer is about to
-    satisfy still completes, so that rank reaches its step edge and saves its state."""
-    if event is None or not event.is_set():
-        return False
-    first = _interrupt_seen.setdefault(id(event), time.monotonic())
-    return time.monotonic() - first > INTERRUPT_GRACE_S
-
-
-def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S):
-    """Wait until ready() is true, polling so that a preempted rank can stop and a dead peer is
-    noticed. After a few polls back to back it spins (yielding the core) for `spin` seconds, long
-    enough for a message in flight to land, then sleeps with backoff so an idle rank leaves its
+def poll(ready, timeout=None, on_timeout=None, what="a message", spin=SPIN_S):
+    """Wait until ready() is true, polling so that a dead peer is noticed. After a few polls back
+    to back it spins (yielding the core) for `spin` seconds, long enough for a message in flight to land, then sleeps with backoff so an idle rank leaves its
     core to ranks that compute (oversubscribed CPU runs). A sleeping sender notices completion
     late, so for large messages the caller stretches `spin` with the message size. `on_timeout()`
     gives the error's text (built only then: this runs per message)."""
@@ -168,8 +156,6 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
         if now < spin_until:
             os.sched_yield()  # lets a rank that shares this core run (oversubscribed CPU runs)
             continue
-        if _given_up(interrupt):
-            raise InterruptedError(f"interrupted while waiting for {what}")
         if deadline is not None and now > deadline:
             raise TimeoutError(on_timeout() if on_timeout else f"no {what} within {timeout:g} s")
         time.sleep(pause)
@@ -179,12 +165,12 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
 class Handle:
     """A send in flight; keeps its buffers alive until it completes."""
 
-    def __init__(self, requests, keep, interrupt=None, nbytes=0):
-        self.requests, self.keep, self.interrupt = requests, keep, interrupt
+    def __init__(self, requests, keep, nbytes=0):
+        self.requests, self.keep = requests, keep
         self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
 
     def wait(self):
-        poll(self.test, self.interrupt, what="a send in flight to complete", spin=self.spin)
+        poll(self.test, what="a send in flight to complete", spin=self.spin)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
@@ -199,7 +185,7 @@ class Vote:
 
     def result(self) -> int:
         if self.request is not None:
-            poll(self.request.Test, None, self.timeout,
+            poll(self.request.Test, self.timeout,
                  lambda: f"rank {self.rank}: a stop vote did not complete within {self.timeout:g} s (a peer hung)",
                  "a stop vote")
             self.request = None
@@ -261,7 +247,6 @@ class MPITransport:
         self.cuda_aware_detected = detected
         self.cuda_aware = detected if cuda_aware == "auto" else cuda_aware == "yes"
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
-        self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
         self._pool = {}  # (source, kind, direct) -> (tensor, shape, MPI buffer, bytes) kept for reuse
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
@@ -300,7 +285,7 @@ class MPITransport:
         if nbytes:
             reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
-        return Handle(reqs, (header, wire), self.interrupt, nbytes)
+        return Handle(reqs, (header, wire), nbytes)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -323,7 +308,7 @@ class MPITransport:
                 self._matched[key] = msg
             return msg is not None
 
-        poll(arrived, self.interrupt, self.timeout,
+        poll(arrived, self.timeout,
              lambda: (f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank {source} within "
                       f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)"),
              f"rank {source}")
