@@ -80,3 +80,26 @@ def test_machine_records(monkeypatch):
     assert not machine.oversubscribed([a, c])       # one rank on each host
     info = machine.rank_info(1, {"CUDA_VISIBLE_DEVICES": "3"})
     assert info["cuda_visible_devices"] == "3" and info["local_rank"] == 1 and info["cpus"]
+
+
+def test_check_names_the_file_the_last_output_option_chooses(tmp_path):
+    # the job scripts pass --output first; a user's later --output (or --set run.output) wins,
+    # and the log's results: line must name that one
+    p = _check("--ranks", "3", "--sample-steps", "4", "--timesteps", "10", "--output", "a.h5",
+               "--output", "b.h5", cwd=tmp_path)
+    assert p.returncode == 0 and f"results: {tmp_path / 'b.h5'}" in p.stdout, p.stderr
+
+
+def test_submit_script_checks_before_sbatch(tmp_path):
+    """jobs/submit.sh runs --check with the job's rank count; a bad run never reaches the queue."""
+    import pathlib
+    script = pathlib.Path(__file__).resolve().parents[1] / "jobs"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    p = subprocess.run(["bash", str(script / "submit.sh"), "--ntasks=2000", str(script / "collafuse.sbatch")],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "images cannot be split over 1999 clients" in p.stderr and "Submitted" not in p.stdout
+    p = subprocess.run(["bash", str(script / "submit.sh"), str(script / "cut_sweep.sbatch")],
+                       capture_output=True, text=True, cwd=tmp_path, env=dict(env, CF_CUTS="0.2,7"), timeout=120)
+    assert p.returncode == 2 and "cut must be a number in [0, 1], got 7.0" in p.stderr, p.stdout + p.stderr
+    assert p.stdout.count("check: OK (3 ranks") == 1  # cut 0.2 passed, with the script's --ntasks=3
