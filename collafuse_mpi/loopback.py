@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, make_header, parse_header
 
@@ -29,13 +30,18 @@ class _Done:
 
 
 class _Vote:
-    def __init__(self, mail, key, size, timeout):
-        self.mail, self.key, self.size, self.timeout = mail, key, size, timeout
+    def __init__(self, mail, key, size, timeout, barrier):
+        self.mail, self.key, self.size, self.timeout, self.barrier = mail, key, size, timeout, barrier
 
     def result(self) -> int:
+        end = time.monotonic() + self.timeout
         with self.mail.votes:
-            if not self.mail.votes.wait_for(lambda: len(self.mail.slots[self.key]) == self.size, self.timeout):
-                raise TimeoutError(f"a stop vote did not complete within {self.timeout:g} s")
+            while len(self.mail.slots[self.key]) < self.size:
+                if self.barrier.broken:  # a role failed (run_loopback aborts the barrier): do not wait for it
+                    raise threading.BrokenBarrierError
+                if time.monotonic() > end:
+                    raise TimeoutError(f"a stop vote did not complete within {self.timeout:g} s")
+                self.mail.votes.wait(0.05)
             return max(self.mail.slots[self.key])
 
 
@@ -129,7 +135,7 @@ class LoopbackTransport:
         with self._mail.votes:
             self._mail.slots.setdefault(key, []).append(int(value))
             self._mail.votes.notify_all()
-        return _Vote(self._mail, key, self.size, self.timeout)
+        return _Vote(self._mail, key, self.size, self.timeout, self._barrier)
 
     def clock_offset(self, rounds: int = 8) -> float:
         return 0.0
