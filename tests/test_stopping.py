@@ -89,3 +89,22 @@ def test_stop_saves_every_rank_at_one_edge_and_resume_matches(tmp_path):
     for rank in range(3):
         np.testing.assert_allclose(first["ranks"][rank]["loss"], a["ranks"][rank]["loss"][:8], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b["ranks"][rank]["loss"], a["ranks"][rank]["loss"][8:], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resubmitted_run_marks_the_run_it_continues_in_the_other_file(tmp_path):
+    """A resubmission writes a new results file; the checkpoint folder's origin.json leads it to
+    the earlier file, whose group (still "running": it was killed) becomes "interrupted"."""
+    from collafuse_mpi import config, report
+    old_file, new_file, ckpt = tmp_path / "results-1.h5", tmp_path / "results-2.h5", tmp_path / "ck"
+    cfg = config.Config()
+    cfg.run.output, cfg.run.checkpoint_dir = str(old_file), str(ckpt)
+    old = results.ResultsWriter(str(old_file))
+    old.begin_run("r", {}, {})
+    report.write_origin(cfg, "r")
+    cfg.run.output = str(new_file)
+    new = results.ResultsWriter(str(new_file))
+    name = new.begin_run("r", {}, {})
+    report._link_resumed(cfg, new, name)
+    a, b = results.read(old_file)["runs"]["r"], results.read(new_file)["runs"]["r"]
+    assert a["status"] == "interrupted" and a["continued_in"] == f"{new_file}::r"
+    assert b["resumed_from"] == f"{old_file}::r" and b["status"] == "running"
