@@ -152,10 +152,10 @@ def poll(ready, timeout=None, on_timeout=None, what="a message", spin=SPIN_S, wa
     """Wait until ready() is true, polling so that a dead peer is noticed. After a few polls back
     to back it spins (yielding the core) for `spin` seconds, long enough for a message in flight
     to land, then sleeps with backoff so an idle rank leaves its core to ranks that compute
-    (oversubscribed CPU runs). A sleeping sender notices completion
-    late, so for large messages the caller stretches `spin` with the message size. `on_timeout()`
-    gives the error's text (built only then: this runs per message). `watch()`, called while it
-    sleeps, may raise to end the wait (a peer reported its failure)."""
+    (oversubscribed CPU runs). A sleeping sender notices completion late, so for large messages
+    the caller stretches `spin` with the message size. `on_timeout()` gives the error's text
+    (built only then: this runs per message). `watch()`, called while it sleeps, may raise to
+    end the wait (a peer reported its failure)."""
     for _ in range(TIGHT_POLLS):
         if ready():
             return

@@ -6,8 +6,8 @@ that got it. Ranks then agree, with a max-vote over all ranks at step edges ever
 `run.stop_check_every` steps, on one edge where all of them save their state and stop, so no rank
 is left mid-step and the saved steps form one complete checkpoint.
 
-A vote is started at one edge and read at the next one (`Transport.vote`, a non-blocking
-collective): a rank running ahead does not wait for the slowest at every checked edge, and the
+A vote is started at one edge and read at the next one (`Transport.vote`, through rank 0 on
+point-to-point messages, so its waits have the receive deadline): a rank running ahead does not wait for the slowest at every checked edge, and the
 decision still falls on the same edge everywhere. The last training step's edge decides at once.
 """
 from __future__ import annotations

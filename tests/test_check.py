@@ -103,3 +103,27 @@ def test_submit_script_checks_before_sbatch(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=dict(env, CF_CUTS="0.2,7"), timeout=120)
     assert p.returncode == 2 and "cut must be a number in [0, 1], got 7.0" in p.stderr, p.stdout + p.stderr
     assert p.stdout.count("check: OK (3 ranks") == 1  # cut 0.2 passed, with the script's --ntasks=3
+
+
+def test_check_takes_a_requeued_jobs_checkpoints_and_refuses_another_runs(tmp_path):
+    """The stable folder of a resubmitted experiment: a resume with the same config and rank
+    count passes the check (its identity matches); another seed or rank count is refused naming
+    the difference; a fresh run of another config is refused. The check changes nothing."""
+    from collafuse_mpi import checkpoint
+    cfg = config.Config()
+    cfg.run.output, cfg.run.checkpoint_dir = str(tmp_path / "results-1.h5"), str(tmp_path / "checkpoints" / "exp")
+    checkpoint.claim(cfg, 3, overwrite=False)
+    checkpoint.save(cfg, 1, 4, {"x": 1})
+    cfg.run.output, cfg.run.resume = str(tmp_path / "results-2.h5"), True  # the next job's own file
+    run.verify(cfg, 3)
+    run.verify(cfg, None)  # no rank count given: the world size is not compared
+    with pytest.raises(config.ConfigError, match="world size: 3 ranks in the checkpoints, 2 now"):
+        run.verify(cfg, 2)
+    other = config.from_dict(cfg.to_dict())
+    other.run.seed = cfg.run.seed + 1
+    with pytest.raises(config.ConfigError, match=rf"belong to another run.*run.seed: {cfg.run.seed} in the checkpoints"):
+        run.verify(other, 3)
+    other.run.resume = False
+    with pytest.raises(config.ConfigError, match="holds checkpoints of another run that did not complete"):
+        run.verify(other, 3)
+    assert checkpoint.latest_complete(cfg, [1]) == 4 and checkpoint.read_identity(cfg)["world_size"] == 3

@@ -64,7 +64,7 @@ def test_stop_saves_every_rank_at_one_edge_and_resume_matches(tmp_path):
     assert p.returncode == stopping.EXIT_STOPPED, p.stdout + p.stderr
     assert "stopped at step 8 of 12" in p.stdout
     ckpt = tmp_path / "parts-checkpoints"
-    assert sorted(os.listdir(ckpt)) == ["origin.json", "step00000008"]
+    assert sorted(os.listdir(ckpt)) == ["identity.json", "origin.json", "step00000008"]
     assert sorted(os.listdir(ckpt / "step00000008")) == ["rank0.pt", "rank1.pt", "rank2.pt"]
     first = _run(parts, "first")
     assert first["status"] == "stopped" and first["stopped_at_step"] == 8
