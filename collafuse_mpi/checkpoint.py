@@ -19,6 +19,7 @@ import time
 import uuid
 
 IDENTITY = "identity.json"
+ORIGIN = "origin.json"  # the results file and run group the newest steps came from (report.py)
 # Settings that leave the training state alone: where things go, how they are timed and logged,
 # sampling (after training) and train.steps (a resume may extend a run). Every other field of
 # every section counts, so a new section or field counts unless it is named here.
@@ -81,47 +82,59 @@ def _write_identity(root: str, ident: dict) -> None:
     write_atomic(os.path.join(root, IDENTITY), json.dumps(ident, indent=1, sort_keys=True).encode())
 
 
+def problem(cfg, world_size: int | None, resume: bool, overwrite: bool) -> str:
+    """Why this run may not use the checkpoint folder ('' when it may); changes nothing, so the
+    submit-time check asks it too. Without `world_size` the world size is not compared."""
+    root, saved = folder(cfg), read_identity(cfg)
+    now = identity(cfg, saved.get("world_size") if world_size is None and saved else world_size or 0)
+    diff = differences(saved, now) if saved else []
+    if resume:
+        if saved is None and _steps(root):
+            return (f"--resume: the checkpoints in {root} have no {IDENTITY}, so nothing says which "
+                    "run they belong to; refusing to resume from them")
+        if diff:
+            return (f"--resume: the checkpoints in {root} belong to another run (run id "
+                    f"{saved.get('run_id', '?')}); it differs in " + "; ".join(diff))
+        return ""
+    if (_steps(root) or saved) and not (overwrite or (saved and not diff) or (saved or {}).get("complete")):
+        what = "; ".join(diff) if saved else f"no {IDENTITY} says which run"
+        return (f"{root} holds checkpoints of another run that did not complete ({what}); continue it with "
+                "--resume, replace them with --overwrite, or give this run its own --set run.checkpoint_dir=...")
+    return ""
+
+
 def verify(cfg, world_size: int) -> None:
     """Before a resume (rank 0): the checkpoints must be this run's; else say what differs."""
-    root, now = folder(cfg), identity(cfg, world_size)
+    bad = problem(cfg, world_size, resume=True, overwrite=False)
+    if bad:
+        raise CheckpointError(bad)
     saved = read_identity(cfg)
-    if saved is None:
-        if _steps(root):
-            raise CheckpointError(f"--resume: the checkpoints in {root} have no {IDENTITY}, so nothing says which "
-                                  "run they belong to; refusing to resume from them")
-        return  # no checkpoints at all: the caller says so
-    diff = differences(saved, now)
-    if diff:
-        raise CheckpointError(f"--resume: the checkpoints in {root} belong to another run (run id "
-                              f"{saved.get('run_id', '?')}); it differs in " + "; ".join(diff))
-    bind(cfg, saved)
+    if saved is not None:
+        bind(cfg, saved)
 
 
 def claim(cfg, world_size: int, overwrite: bool) -> None:
     """Before a fresh run (rank 0): clear the folder's old checkpoints when that loses nothing
     resumable (--overwrite, the same identity, a run that completed), else refuse."""
-    root, now = folder(cfg), identity(cfg, world_size)
-    saved, steps = read_identity(cfg), _steps(root)
-    if steps or saved:
-        same = saved is not None and not differences(saved, now)
-        if not (overwrite or same or (saved or {}).get("complete")):
-            what = "; ".join(differences(saved, now)) if saved else f"no {IDENTITY} says which run"
-            raise CheckpointError(
-                f"{root} holds checkpoints of another run that did not complete ({what}); continue it with "
-                "--resume, replace them with --overwrite, or give this run its own --set run.checkpoint_dir=...")
+    bad = problem(cfg, world_size, resume=False, overwrite=overwrite)
+    if bad:
+        raise CheckpointError(bad)
+    root = folder(cfg)
+    if _steps(root) or read_identity(cfg):
         clear(root)
-    bind(cfg, dict(now, run_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   output=os.path.abspath(cfg.run.output)))
+    bind(cfg, dict(identity(cfg, world_size), run_id=uuid.uuid4().hex,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), output=os.path.abspath(cfg.run.output)))
 
 
 def clear(root: str) -> None:
     """Remove the step folders and identity of `root` (nothing else a user keeps there)."""
     for step in _steps(root):
         shutil.rmtree(os.path.join(root, f"step{step:08d}"), ignore_errors=True)
-    try:
-        os.remove(os.path.join(root, IDENTITY))
-    except FileNotFoundError:
-        pass
+    for name in (IDENTITY, ORIGIN):
+        try:
+            os.remove(os.path.join(root, name))
+        except FileNotFoundError:
+            pass
 
 
 def bind(cfg, ident: dict) -> None:
@@ -174,6 +187,11 @@ def write_atomic(path: str, data) -> None:
         except OSError:
             pass
         raise OSError(exc.errno, f"{exc.strerror} on {path}" if exc.strerror else f"cannot write {path}") from None
+
+
+def latest_any(cfg) -> int:
+    """The newest step with a folder (complete or not), or 0."""
+    return next(iter(_steps(folder(cfg))), 0)
 
 
 def latest_complete(cfg, ranks: list[int]) -> int:

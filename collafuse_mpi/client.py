@@ -10,6 +10,7 @@ import torch
 from . import comm, schedule
 from .data import Batches
 from .model import UNet
+from .stopping import Stopped
 from .training import Learner, after_step, check_loss, derive_seed, fault_point, generator, seeded, pack_train, to_uint8
 
 SERVER = 0
@@ -32,6 +33,7 @@ class Client:
             self.learner = Learner(model, cfg.train.lr, cfg.train.ema_decay, cfg.train.grad_clip,
                                    cfg.train.autocast, cfg.train.channels_last)
         self.start_step = 0
+        self.stop = None  # a stopping.StopVote, set by the caller
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
         if self.record_dir:
             os.makedirs(self.record_dir, exist_ok=True)
@@ -54,8 +56,21 @@ class Client:
         return self.k < self.T
 
     def train(self, on_step=None):
-        cfg, timer = self.cfg, self.timer
         in_flight = collections.deque()
+        try:
+            self._train(in_flight, on_step)
+        except Stopped:  # the server has taken every batch up to the edge where all stopped
+            self._drain(in_flight)
+            raise
+        self._drain(in_flight)
+
+    def _drain(self, in_flight):
+        with self.timer.phase("wait"):
+            while in_flight:
+                in_flight.popleft().wait()
+
+    def _train(self, in_flight, on_step):
+        cfg, timer = self.cfg, self.timer
         for step in range(self.start_step, cfg.train.steps):
             timer.start_step(step, step < cfg.train.warmup_steps)
             fault_point(self.rank, step)
@@ -85,12 +100,9 @@ class Client:
                 check_loss(self.rank, step, loss_value)
             timer.end_step(loss_value, x0.shape[0])
             # before on_step: a preempted rank must not enter the collective flush its peers left
-            after_step(cfg, self.rank, step, timer, self.state_dict)
+            after_step(cfg, self.rank, step, timer, self.state_dict, self.stop)
             if on_step:
                 on_step(step, loss_value)
-        with timer.phase("wait"):
-            while in_flight:
-                in_flight.popleft().wait()
 
     def _cut_noise(self, index: torch.Tensor) -> torch.Tensor:
         """per_image: one eps_c per training image, from a seed of its dataset index, so every

@@ -37,7 +37,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 _HEADER = struct.Struct(f"<{HEADER_LEN}q")
 _DTYPE_INDEX = {d: i for i, d in enumerate(DTYPES)}
 _LAYOUT = slice(24, 88)  # the header's dtype, ndim and shape: what decides where a payload can land
-GATHER_TAG, BCAST_TAG, CLOCK_TAG, FAIL_TAG, SCATTER_TAG = 100, 101, 90, 102, 103  # beside the kinds' (2..9)
+GATHER_TAG, BCAST_TAG, CLOCK_TAG, FAIL_TAG, SCATTER_TAG, VOTE_TAG = 100, 101, 90, 102, 103, 104  # beside the kinds' (2..9)
 FAIL_GRACE_S = 5.0
 
 
@@ -143,30 +143,19 @@ def record(folder: str, rank: int, source: int, info: dict, payload: torch.Tenso
              client=info["client"], step=info["step"])
 
 
-INTERRUPT_GRACE_S = 1.0
 SPIN_S = 5e-4  # poll without sleeping this long first: the shortest sleep costs ~60 us on Linux
 SPIN_BYTES_PER_S = 1e9  # a send keeps spinning while its bytes could still be moving at this rate
 TIGHT_POLLS = 64  # polls back to back first (tens of us, no system call): a landing message is seen at once
-_interrupt_seen = {}
 
 
-def _given_up(event) -> bool:
-    """True once `event` has been set for a grace period: a wait that a live peer is about to
-    satisfy still completes, so that rank reaches its step edge and saves its state."""
-    if event is None or not event.is_set():
-        return False
-    first = _interrupt_seen.setdefault(id(event), time.monotonic())
-    return time.monotonic() - first > INTERRUPT_GRACE_S
-
-
-def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message", spin=SPIN_S, watch=None):
-    """Wait until ready() is true, polling so that a preempted rank can stop and a dead peer is
-    noticed. After a few polls back to back it spins (yielding the core) for `spin` seconds, long
-    enough for a message in flight to land, then sleeps with backoff so an idle rank leaves its
-    core to ranks that compute (oversubscribed CPU runs). A sleeping sender notices completion
-    late, so for large messages the caller stretches `spin` with the message size. `on_timeout()`
-    gives the error's text (built only then: this runs per message). `watch()`, called while it
-    sleeps, may raise to end the wait (a peer reported its failure)."""
+def poll(ready, timeout=None, on_timeout=None, what="a message", spin=SPIN_S, watch=None):
+    """Wait until ready() is true, polling so that a dead peer is noticed. After a few polls back
+    to back it spins (yielding the core) for `spin` seconds, long enough for a message in flight
+    to land, then sleeps with backoff so an idle rank leaves its core to ranks that compute
+    (oversubscribed CPU runs). A sleeping sender notices completion late, so for large messages
+    the caller stretches `spin` with the message size. `on_timeout()` gives the error's text
+    (built only then: this runs per message). `watch()`, called while it sleeps, may raise to
+    end the wait (a peer reported its failure)."""
     for _ in range(TIGHT_POLLS):
         if ready():
             return
@@ -179,8 +168,6 @@ def poll(ready, interrupt=None, timeout=None, on_timeout=None, what="a message",
         if now < spin_until:
             os.sched_yield()  # lets a rank that shares this core run (oversubscribed CPU runs)
             continue
-        if _given_up(interrupt):
-            raise InterruptedError(f"interrupted while waiting for {what}")
         if deadline is not None and now > deadline:
             raise TimeoutError(on_timeout() if on_timeout else f"no {what} within {timeout:g} s")
         if watch is not None:
@@ -200,8 +187,8 @@ class Handle:
     """A send in flight; keeps its buffers alive until it completes. Its wait has the receive
     deadline: a receiver that stopped (SIGSTOP, a hung node) never completes a large send."""
 
-    def __init__(self, requests, keep, interrupt=None, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0, watch=None):
-        self.requests, self.keep, self.interrupt, self.watch = requests, keep, interrupt, watch
+    def __init__(self, requests, keep, nbytes=0, timeout=None, rank=-1, dest=-1, kind=0, watch=None):
+        self.requests, self.keep, self.watch = requests, keep, watch
         self.spin = SPIN_S + nbytes / SPIN_BYTES_PER_S
         self.timeout, self.rank, self.dest, self.kind = timeout, rank, dest, kind
 
@@ -210,11 +197,48 @@ class Handle:
                     self.timeout)
 
     def wait(self):
-        poll(self.test, self.interrupt, self.timeout, self._late, "a send in flight to complete", self.spin, self.watch)
+        poll(self.test, self.timeout, self._late, "a send in flight to complete", self.spin, self.watch)
         self.requests, self.keep = [], None
 
     def test(self) -> bool:
         return not self.requests or self.requests[0].Testall(self.requests)  # one call into MPI
+
+
+class Vote:
+    """A max-vote in flight, through rank 0 on point-to-point messages: each rank's value goes to
+    rank 0, which sends the maximum back. Every wait has the receive deadline and its message
+    names the rank that did not vote (a stopped peer would hang an MPI_Iallreduce forever)."""
+
+    def __init__(self, tp, value: int, what: str):
+        self.tp, self.value, self.what, self.out = tp, int(value), what, None
+        if tp.rank != 0:
+            self.sent = tp.comm.isend(self.value, dest=0, tag=VOTE_TAG)
+
+    def _take(self, peers, tag, box) -> None:
+        tp = self.tp
+
+        def arrived():
+            for peer in sorted(peers):
+                msg = tp.comm.improbe(source=peer, tag=tag)
+                if msg is not None:
+                    box.append(msg.recv())
+                    peers.discard(peer)
+            return not peers
+        poll(arrived, tp.timeout, lambda: late(tp.rank, peers, self.what, tp.timeout), self.what, watch=tp.watch)
+
+    def result(self) -> int:
+        if self.out is None:
+            tp, box = self.tp, [self.value]
+            if tp.rank == 0:
+                self._take(set(range(1, tp.size)), VOTE_TAG, box)
+                tp._wait_all({r: tp.comm.isend(max(box), dest=r, tag=VOTE_TAG + 1) for r in range(1, tp.size)},
+                             self.what)
+            else:
+                tp._wait_all({0: self.sent}, self.what)
+                box.clear()
+                self._take({0}, VOTE_TAG + 1, box)
+            self.out = int(max(box))
+        return self.out
 
 
 def cuda_aware_mpi() -> bool:
@@ -272,7 +296,6 @@ class MPITransport:
         self.cuda_aware_detected = detected
         self.cuda_aware = detected if cuda_aware == "auto" else cuda_aware == "yes"
         self.record_dir = os.environ.get("COLLAFUSE_RECORD_DIR", "")
-        self.interrupt = None  # an Event: when set, blocked waits give up (preemption)
         self.stats = Stats()
         self._pool = {}  # (source, kind, direct) -> (tensor, shape, MPI buffer, bytes) kept for reuse
         self._matched = {}  # (source, kind) -> (Message, Status) that probe matched, for recv
@@ -332,7 +355,7 @@ class MPITransport:
         if nbytes:
             reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
-        return Handle(reqs, (header, wire), self.interrupt, nbytes, self.timeout, self.rank, dest, kind, self.watch)
+        return Handle(reqs, (header, wire), nbytes, self.timeout, self.rank, dest, kind, self.watch)
 
     def send(self, dest, kind, client, step, tensor, meta=0):
         self.isend(dest, kind, client, step, tensor, meta).wait()
@@ -355,7 +378,7 @@ class MPITransport:
                 self._matched[key] = msg
             return msg is not None
 
-        poll(arrived, self.interrupt, self.timeout,
+        poll(arrived, self.timeout,
              lambda: (f"rank {self.rank}: no {KIND_NAMES.get(kind, kind)} message from rank {source} within "
                       f"{self.timeout:g} s (peer hung or too slow; see --set run.recv_timeout)"),
              f"rank {source}", watch=self.watch)
@@ -458,7 +481,7 @@ class MPITransport:
             for peer in [p for p, req in pending.items() if req.Test()]:
                 del pending[peer]
             return not pending
-        poll(done, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
+        poll(done, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
 
     def gather_obj(self, obj, root=0, what="in a gather of every rank's results"):
         if self.rank != root:
@@ -474,7 +497,7 @@ class MPITransport:
                     out[peer] = msg.recv()
                     pending.discard(peer)
             return not pending
-        poll(arrived, None, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
+        poll(arrived, self.timeout, lambda: late(self.rank, pending, what, self.timeout), what, watch=self.watch)
         return out
 
     def bcast_obj(self, obj, root=0, what="in a broadcast from rank 0"):
@@ -489,7 +512,7 @@ class MPITransport:
             if msg is not None:
                 box.append(msg.recv())
             return bool(box)
-        poll(arrived, None, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
+        poll(arrived, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
         return box[0]
 
     def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0", timeout=None):
@@ -507,12 +530,18 @@ class MPITransport:
             if msg is not None:
                 box.append(msg.recv())
             return bool(box)
-        poll(arrived, None, timeout, lambda: late(self.rank, [root], what, timeout), what, watch=self.watch)
+        poll(arrived, timeout, lambda: late(self.rank, [root], what, timeout), what, watch=self.watch)
         return box[0]
 
     def barrier(self, what="at a barrier"):
         self.gather_obj(None, what=what)
         self.bcast_obj(None, what=what)
+
+    def vote(self, value: int, what: str = "in a stop vote") -> "Vote":
+        """Start a max-vote of one integer over all ranks and return at once; `Vote.result()`
+        later gives the maximum. Every rank must start the same votes in the same order (they
+        are collectives), so ranks start them at shared step edges."""
+        return Vote(self, value, what)
 
     def clock_offset(self, rounds: int = 8) -> float:
         """Offset to add to this rank's perf_counter to get rank 0's (ping-pong, min round trip)."""

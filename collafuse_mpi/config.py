@@ -178,7 +178,9 @@ class RunConfig:
     save_dir: str = ""
     """Folder for final models and samples, one sub-folder per run name ('' = <output>-models)."""
     quiet: bool = False
-    """No progress bar."""
+    """No progress output on rank 0 (a bar on a terminal, plain lines in a job log)."""
+    progress_every: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal (a batch job's log)."""
     flush_every: int = 25
     """Write every rank's completed steps to the results file every this many steps (0 = only at the end)."""
     recv_timeout: float = 600.0
@@ -191,6 +193,9 @@ class RunConfig:
     """Folder for checkpoints ('' = next to `output`, named <output>-checkpoints)."""
     resume: bool = False
     """Continue from the last checkpoint that every rank completed."""
+    stop_check_every: int = 5
+    """On SIGUSR1/SIGTERM every rank saves and stops at one shared step edge; ranks vote on it
+    every this many steps (a vote is read one such interval after it starts)."""
     pooled_kid: bool = True
     """Pool KID over clients on rank 0; clients send it feature vectors of held-out images, never images."""
     store_real: bool = False
@@ -432,6 +437,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(_is_int(r.torch_threads) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
     _check(_is_int(r.flush_every) and r.flush_every >= 0, "run.flush_every must be >= 0")
     _check(_is_int(r.checkpoint_every) and r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
+    _check(_is_int(r.stop_check_every) and r.stop_check_every >= 1, "run.stop_check_every must be an integer >= 1")
+    _check(_is_number(r.progress_every) and r.progress_every >= 0, "run.progress_every must be >= 0")
     _check(_is_number(r.recv_timeout) and r.recv_timeout > 0, "run.recv_timeout must be > 0")
     _check(_is_int(r.seed) and 0 <= r.seed < 2**63, f"run.seed must be an integer in [0, 2**63), got {r.seed!r}")
     _check("/" not in r.run_name and r.run_name != ".",

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 try:
     import pynvml
@@ -75,14 +76,85 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass
+class Gpu:
+    """A rank's CUDA device as CUDA numbers it: `index` among the visible devices, the `uuid`
+    torch reports ('' when unknown) and CUDA_VISIBLE_DEVICES as the rank saw it (None: unset)."""
+
+    index: int
+    uuid: str = ""
+    visible: str | None = None
+
+
+def gpu_of(index: int, uuid: str = "", env=None) -> Gpu:
+    env = os.environ if env is None else env
+    return Gpu(index, uuid, env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _by_uuid(text: str):
+    """Handle for a full or leading-part GPU-/MIG- UUID (CUDA accepts a unique prefix)."""
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(text)
+    except Exception:
+        pass
+    matches = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        if _text(pynvml.nvmlDeviceGetUUID(h)).startswith(text):
+            matches.append(h)
+    if len(matches) != 1:
+        raise LookupError(f"{len(matches)} NVML devices match {text!r}")
+    return matches[0]
+
+
+def nvml_handle(gpu):
+    """(NVML handle, how it was found) of a rank's device. NVML numbers GPUs on the PCI bus and
+    ignores CUDA_VISIBLE_DEVICES, so torch's index is not an NVML index: match by the UUID torch
+    reports, else through CUDA_VISIBLE_DEVICES (indices or UUIDs), else (nothing hidden) by index.
+    An int is an NVML index as it is."""
+    if isinstance(gpu, int):
+        return pynvml.nvmlDeviceGetHandleByIndex(gpu), f"NVML index {gpu}"
+    tried = []
+    if gpu.uuid:
+        uuid = gpu.uuid if gpu.uuid.startswith(("GPU-", "MIG-")) else "GPU-" + gpu.uuid
+        try:
+            return _by_uuid(uuid), "uuid"
+        except Exception as e:  # e.g. a MIG instance torch names differently
+            tried.append(f"uuid {uuid}: {e!r}")
+    if gpu.visible is not None:
+        entries = [e.strip() for e in gpu.visible.split(",") if e.strip()]
+        if gpu.index >= len(entries):
+            raise LookupError(f"CUDA device {gpu.index} is not in CUDA_VISIBLE_DEVICES={gpu.visible!r}; "
+                              + "; ".join(tried))
+        entry = entries[gpu.index]
+        how = f"CUDA_VISIBLE_DEVICES entry {gpu.index} = {entry}"
+        if entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(entry)), how
+        return _by_uuid(entry), how
+    return pynvml.nvmlDeviceGetHandleByIndex(gpu.index), f"index {gpu.index} (CUDA_VISIBLE_DEVICES unset)"
+
+
+def _whole_gpu(handle):
+    """(handle of the physical GPU, note): a MIG instance has no energy counter of its own."""
+    try:
+        is_mig = pynvml.nvmlDeviceIsMigDeviceHandle(handle)
+    except Exception:
+        return handle, ""
+    if not is_mig:
+        return handle, ""
+    parent = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    return parent, "MIG instance: energy and power are those of the whole GPU"
+
+
 class _Nvml:
     """One nvmlInit per meter, paired with one nvmlShutdown (NVML reference-counts them)."""
 
-    def __init__(self, gpu_index: int):
+    def __init__(self, gpu):
         pynvml.nvmlInit()
         self.open = True
         try:
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+            handle, self.how = nvml_handle(gpu)
+            self.handle, self.note = _whole_gpu(handle)
             self.uuid = _text(pynvml.nvmlDeviceGetUUID(self.handle))
         except Exception:
             self.shutdown()
@@ -105,6 +177,7 @@ class NvmlEnergyMeter(EnergyMeter):
     def __init__(self, nvml: _Nvml):
         self._nvml = nvml
         self.device_key = "gpu:" + nvml.uuid
+        self.reason = nvml.note
         # millijoules since the driver loaded; raises NVMLError_NotSupported on older GPUs
         self._start_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(nvml.handle)
 
@@ -236,13 +309,13 @@ class RaplMeter(EnergyMeter):
             self._thread.join(timeout=5.0)
 
 
-def _open_nvml(gpu_index: int, prefer: str) -> EnergyMeter:
+def _open_nvml(gpu, prefer: str) -> EnergyMeter:
     if pynvml is None:
-        return UnavailableMeter("pynvml not installed")
+        return UnavailableMeter("pynvml (nvidia-ml-py) not installed")
     try:
-        nvml = _Nvml(gpu_index)
-    except Exception as e:  # no driver, no library, bad index
-        return UnavailableMeter(f"NVML init failed: {e!r}")
+        nvml = _Nvml(gpu)
+    except Exception as e:  # no driver, no library, no such device
+        return UnavailableMeter(f"NVML: no device for {gpu}: {e!r}")
     energy_error = ""
     if prefer in ("auto", "nvml-energy"):
         try:
@@ -252,7 +325,7 @@ def _open_nvml(gpu_index: int, prefer: str) -> EnergyMeter:
     if prefer in ("auto", "nvml-power"):
         try:
             meter = NvmlPowerMeter(nvml, interval_s=POWER_INTERVAL_S)
-            meter.reason = energy_error
+            meter.reason = "; ".join(filter(None, (energy_error, nvml.note)))
             return meter
         except Exception as e:
             energy_error = f"{energy_error}; power: {e!r}".lstrip("; ")
@@ -260,33 +333,34 @@ def _open_nvml(gpu_index: int, prefer: str) -> EnergyMeter:
     return UnavailableMeter(energy_error)
 
 
-def open_meter(gpu_index: int | None, prefer: str = "auto") -> EnergyMeter:
-    """Best meter for this rank's device; never raises because hardware is missing."""
+def open_meter(gpu, prefer: str = "auto") -> EnergyMeter:
+    """Best meter for this rank's device (a Gpu, an NVML index, or None for a CPU rank); never
+    raises because hardware is missing. An unavailable meter says why in `reason`."""
     if prefer != "auto" and prefer not in SOURCES:
         raise ValueError(f"prefer must be 'auto' or one of {SOURCES}, got {prefer!r}")
     if prefer == "unavailable":
         return UnavailableMeter("energy metering switched off")
-    if prefer == "rapl" or (gpu_index is None and prefer == "auto"):
+    if prefer == "rapl" or (gpu is None and prefer == "auto"):
         try:
             return RaplMeter()
         except Exception as e:
             return UnavailableMeter(f"RAPL: {e}")
-    if gpu_index is None:
+    if gpu is None:
         return UnavailableMeter(f"{prefer} needs a GPU")
-    return _open_nvml(gpu_index, prefer)
+    return _open_nvml(gpu, prefer)
 
 
-def device_info(gpu_index: int) -> dict:
-    """Name, UUID and driver version of a GPU, or {} when NVML cannot tell."""
+def device_info(gpu) -> dict:
+    """Name, UUID, driver version of a GPU and how it was matched to NVML, or {} when NVML cannot tell."""
     if pynvml is None:
         return {}
     try:
-        nvml = _Nvml(gpu_index)
+        nvml = _Nvml(gpu)
     except Exception:
         return {}
     try:
         return {"name": _text(pynvml.nvmlDeviceGetName(nvml.handle)), "uuid": nvml.uuid,
-                "driver": _text(pynvml.nvmlSystemGetDriverVersion())}
+                "driver": _text(pynvml.nvmlSystemGetDriverVersion()), "nvml_match": nvml.how}
     except Exception:
         return {}
     finally:

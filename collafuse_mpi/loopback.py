@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 
-from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, make_header, parse_header
+from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, late, make_header, parse_header
 
 
 class _Mailboxes:
@@ -14,6 +14,7 @@ class _Mailboxes:
         self.lock = threading.Lock()
         self.boxes = {}
         self.slots = {}
+        self.votes = threading.Condition()
 
     def box(self, src, dst, kind) -> queue.Queue:
         with self.lock:
@@ -26,6 +27,24 @@ class _Done:
 
     def test(self):
         return True
+
+
+class _Vote:
+    def __init__(self, mail, key, rank, size, timeout, barrier, what):
+        self.mail, self.key, self.rank, self.size, self.timeout = mail, key, rank, size, timeout
+        self.barrier, self.what = barrier, what
+
+    def result(self) -> int:
+        end = time.monotonic() + self.timeout
+        with self.mail.votes:
+            votes = self.mail.slots[self.key]  # {rank: value}
+            while len(votes) < self.size:
+                if self.barrier.broken:  # a role failed (run_loopback aborts the barrier): do not wait for it
+                    raise threading.BrokenBarrierError
+                if time.monotonic() > end:
+                    raise TimeoutError(late(self.rank, set(range(self.size)) - set(votes), self.what, self.timeout))
+                self.mail.votes.wait(0.05)
+            return max(votes.values())
 
 
 class LoopbackTransport:
@@ -44,6 +63,7 @@ class LoopbackTransport:
         self.stats = Stats()
         self.timeout = 600.0
         self._peeked = {}
+        self._votes = 0  # votes this role started; every role starts the same ones in order
 
     @staticmethod
     def group(size: int) -> list["LoopbackTransport"]:
@@ -121,6 +141,14 @@ class LoopbackTransport:
 
     def report_failure(self, text: str) -> None:
         pass  # the roles are threads of one process: run_loopback() reports the failing one
+
+    def vote(self, value: int, what: str = "in a stop vote") -> "_Vote":
+        key = ("vote", self._votes)
+        self._votes += 1
+        with self._mail.votes:
+            self._mail.slots.setdefault(key, {})[self.rank] = int(value)
+            self._mail.votes.notify_all()
+        return _Vote(self._mail, key, self.rank, self.size, self.timeout, self._barrier, what)
 
     def clock_offset(self, rounds: int = 8) -> float:
         return 0.0

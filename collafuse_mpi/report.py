@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -9,8 +10,10 @@ import sys
 
 import numpy as np
 
+from . import machine
+from .checkpoint import ORIGIN  # in the checkpoint folder: the results file and run group its steps came from
 from .harness import PHASES
-from .results import ResultsWriter
+from .results import ResultsError, ResultsWriter
 
 
 def _now() -> str:
@@ -35,17 +38,59 @@ def versions(tp) -> dict:
     return out
 
 
-def begin(cfg, tp, ks, resume_step: int = 0):
+def begin(cfg, tp, ks, resume_step: int = 0, placement=()):
     writer = ResultsWriter(cfg.run.output, cfg.run.if_exists)
     name = cfg.run.run_name or f"cut{cfg.diffusion.cut:g}-n{tp.size - 1}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    placement = list(placement)
     meta = {"start_time": _now(), "versions": versions(tp), "git_commit": _git_commit(),
             "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
             "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
             "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
             "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES),
-            "command": " ".join(sys.argv), "transport_settings": transport_settings()}
+            "command": " ".join(sys.argv), "transport_settings": transport_settings(),
+            "slurm": machine.slurm_info(), "cpu": machine.cpu_info(), "placement": placement,
+            "oversubscribed": machine.oversubscribed(placement) if placement else False}
     name = writer.begin_run(name, cfg.to_dict(), meta)
+    if resume_step:
+        _link_resumed(cfg, writer, name)
+    if resume_step or cfg.run.checkpoint_every:
+        write_origin(cfg, name)
     return writer, name
+
+
+def _origin_path(cfg) -> str:
+    from .checkpoint import folder
+    return os.path.join(folder(cfg), ORIGIN)
+
+
+def write_origin(cfg, name: str) -> None:
+    """Note in the checkpoint folder which run group its newest steps belong to."""
+    from .checkpoint import write_atomic
+    path = _origin_path(cfg)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, json.dumps({"output": os.path.abspath(cfg.run.output), "run": name}).encode())
+
+
+def _link_resumed(cfg, writer, name: str) -> None:
+    """Mark the run group the checkpoint came from: `running` (it died without stopping
+    cleanly) becomes `interrupted`; both it and this run name each other."""
+    try:
+        with open(_origin_path(cfg)) as fh:
+            origin = json.load(fh)
+        old_path, old_name = origin["output"], origin["run"]
+    except (OSError, ValueError, KeyError):
+        return  # checkpoints from before origins were kept: nothing to link
+    here = f"{os.path.abspath(cfg.run.output)}::{name}"
+    writer.update_run(name, resumed_from=f"{old_path}::{old_name}")
+    try:
+        old = writer if os.path.abspath(old_path) == os.path.abspath(cfg.run.output) else ResultsWriter(old_path, "append")
+        attrs = {"continued_in": here}
+        if old.run_status(old_name) == "running":
+            attrs["status"] = "interrupted"
+        old.update_run(old_name, **attrs)
+    except (OSError, KeyError, ResultsError) as exc:
+        print(f"collafuse_mpi: warning: cannot mark the interrupted run {old_name} in {old_path}: {exc}",
+              file=sys.stderr, flush=True)
 
 
 def _comm_table(rows) -> dict:
@@ -77,6 +122,7 @@ def write_ranks(writer, name, everyone):
     for r, o in zip(everyone, own):
         attrs = {"role": r["role"], "host": r["host"], "device": r["device"], "k": r["k"],
                  "energy_source": r["energy_source"], "energy_device": r["energy_device"],
+                 "energy_reason": r.get("energy_reason", ""),
                  "energy_owner": bool(o), "transport_path": r["path"],
                  "device_info": r.get("device_info", {}), "n_train": r.get("n_train", 0),
                  "n_heldout": r.get("n_heldout", 0)}
@@ -124,13 +170,28 @@ def failure_text(exc: BaseException) -> str:
 
 def record_failure(writer, name, exc: BaseException) -> None:
     """Mark the run group failed, with the rank that failed and why; a preempted run is left to
-    its resume. Best effort: the file may be what failed (a full disk)."""
+    its resume (a stop at a shared step edge records itself: stopped()). Best effort: the file
+    may be what failed (a full disk)."""
     from .comm import PeerFailed
-    from .training import Preempted
-    if isinstance(exc, (Preempted, InterruptedError, KeyboardInterrupt)):
+    from .stopping import Stopped
+    if isinstance(exc, (Stopped, KeyboardInterrupt)):
         return
     rank, text = (exc.rank, exc.text) if isinstance(exc, PeerFailed) else (0, failure_text(exc))
     try:
         writer.update_run(name, status="failed", failed_rank=rank, error=text[:4000], end_time=_now())
     except Exception:  # noqa: BLE001 -- the original failure is what the job must report
         pass
+
+
+def stopped(writer, name, everyone, cfg, steps_done: int, signals: list):
+    """Every rank stopped at the same step edge and saved its state: record what ran."""
+    write_ranks(writer, name, everyone)
+    writer.update_run(name, status="stopped", stopped_at_step=steps_done, end_time=_now(),
+                      stop_signals=sorted(set(signals)), hosts=[r["host"] for r in everyone],
+                      rank_device_map=[r["device"] for r in everyone])
+    write_origin(cfg, name)
+    from .checkpoint import folder
+    print(f"collafuse_mpi: stopped at step {steps_done} of {cfg.train.steps} on request "
+          f"({', '.join(sorted(set(signals))) or 'a signal'} on some rank); every rank saved its state in "
+          f"{folder(cfg)}\n  results so far in {os.path.abspath(cfg.run.output)} (run {name}, status stopped)\n"
+          "  continue with --resume (and --append to the same results file)", flush=True)

@@ -143,6 +143,12 @@ class ResultsWriter:
             for k, v in attrs.items():
                 f["runs"][name].attrs[k] = _attr(v)
 
+    def run_status(self, name: str) -> str:
+        """The @status of a run group (KeyError when there is no such run)."""
+        with self._open() as f:
+            v = f["runs"][name].attrs.get("status", "")
+        return v.decode() if isinstance(v, bytes) else str(v)
+
     def write_rank(self, name: str, rank: int, arrays: dict, attrs: dict):
         with self._open(arrays) as f:
             ranks = f["runs"][name].require_group("ranks")

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import socket
 import sys
 import threading
-import time
 import traceback
 
 import click
@@ -28,22 +26,34 @@ def _log(rank: int, msg: str, file=sys.stderr):
     print(f"[{rank}@{socket.gethostname()}] {msg}", file=file, flush=True)
 
 
+def verify(cfg, world_size: int | None) -> None:
+    """Config, data size and checkpoint folder; raises ConfigError. No MPI, no model, changes
+    nothing (the submit-time check runs it too). Without `world_size` per-client checks are skipped."""
+    cfgmod.validate(cfg, world_size)
+    from .data import private_count
+    n = private_count(cfg)  # what is left for the clients after the public carve
+    if world_size is not None and n < 2 * (world_size - 1):
+        raise ConfigError(f"{n} images cannot be split over {world_size - 1} clients "
+                          "(each needs at least one training and one held-out image)")
+    from . import checkpoint
+    bad = checkpoint.problem(cfg, world_size, cfg.run.resume, overwrite=cfg.run.if_exists == "overwrite")
+    if bad:
+        raise ConfigError(bad)
+
+
 def check(cfg, tp) -> None:
-    """Validate on rank 0 (config, data size, whose checkpoints), then every rank learns the
-    verdict and the identity its checkpoints carry."""
+    """Validate on rank 0 (config, data size, memory, whose checkpoints), then every rank learns
+    the verdict and the identity its checkpoints carry."""
     from . import checkpoint
     problem = ident = None
     if tp.rank == 0:
         try:
-            cfgmod.validate(cfg, tp.size)
+            if tp.size == 1:
+                world_problem(tp.size)
+            verify(cfg, tp.size)
             from .data import private_count
-            n_clients = tp.size - 1
-            n = private_count(cfg)  # what is left for the clients after the public carve
-            if n < 2 * n_clients:
-                raise ConfigError(f"{n} images cannot be split over {n_clients} clients "
-                                  "(each needs at least one training and one held-out image)")
             from .preflight import memory_problem
-            too_big = memory_problem(cfg, tp.size, getattr(tp, "local_size", tp.size), n)
+            too_big = memory_problem(cfg, tp.size, getattr(tp, "local_size", tp.size), private_count(cfg))
             if too_big:
                 raise ConfigError(too_big)
             if cfg.run.resume:
@@ -55,18 +65,43 @@ def check(cfg, tp) -> None:
             problem = str(exc)
     problem, ident = tp.bcast_obj((problem, ident), what="waiting for rank 0's check of the config and data")
     if problem:
-        if tp.rank == 0:
+        if tp.rank == 0 and _launcher_rank() in (None, 0):  # size-1 worlds: every task is a rank 0
             print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
         raise Abort(2)
     if ident is not None:
         checkpoint.bind(cfg, ident)
 
 
+LAUNCHER_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+LAUNCHER_RANK = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def _launcher_rank() -> int | None:
+    """This task's number as the launcher set it in the environment (before or without MPI)."""
+    for var in LAUNCHER_RANK:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def world_problem(size: int) -> None:
+    """A world of 1 where the launcher started several tasks: the ranks could not join (srun
+    without a matching PMI), which "need at least 2 ranks" would misstate."""
+    for var in LAUNCHER_SIZE:
+        n = os.environ.get(var, "")
+        if n.isdigit() and int(n) > size:
+            raise ConfigError(
+                f"the {n} tasks of this launch could not form one MPI world: this process sees a world of "
+                f"{size} ({var}={n}). Under srun the PMI type must match the MPI library: "
+                "srun --mpi=pmix (Open MPI >= 5), --mpi=pmi2 for some MPICH builds (see srun --mpi=list), "
+                "or launch with mpirun inside the allocation")
+
+
 def execute(cfg, tp, progress: bool = False) -> dict:
     """Run this rank's role. Returns what this rank measured (rank 0 also writes the file)."""
     import torch
 
-    from . import energy
+    from . import energy, machine, stopping
     from .harness import PhaseTimer
     from .training import pick_device, sync_fn
 
@@ -74,21 +109,25 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     if type(timeout) in (int, float) and timeout > 0:  # else check() refuses it
         tp.timeout = timeout  # every wait on a peer, from the first one on
     check(cfg, tp)
+    placement = tp.gather_obj(machine.rank_info(tp.local_rank), what="in the gather of where each rank runs")
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
     torch.set_num_threads(cfg.run.torch_threads)
     n_clients = tp.size - 1
     ks = cfg.cut_steps(n_clients)
     device = pick_device(cfg.run.device, tp.local_rank)
-    meter = energy.open_meter(device.index if device.type == "cuda" else None)
+    gpu = energy.gpu_of(device.index, _torch_uuid(device)) if device.type == "cuda" else None
+    meter = energy.open_meter(gpu)
     offset = tp.clock_offset()
     timer = PhaseTimer(cfg.run.timing, sync_fn(device), meter, offset)
     writer, run_name = None, None
     if tp.rank == 0:
         from .report import begin
-        writer, run_name = begin(cfg, tp, ks, resume_step)
+        writer, run_name = begin(cfg, tp, ks, resume_step, placement)
     run_name = tp.bcast_obj(run_name, what="waiting for rank 0 to open the results file")  # models go under it
     try:
-        return _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress)
+        return _train_and_finish(cfg, tp, ks, device, gpu, meter, timer, writer, run_name, resume_step, progress)
+    except stopping.Stopped:
+        raise  # stopped on request at a shared step edge: the run group says so already
     except BaseException as exc:
         if writer is not None:  # the run group says how it ended, and which rank ended it
             from .report import record_failure
@@ -96,21 +135,36 @@ def execute(cfg, tp, progress: bool = False) -> dict:
         raise
 
 
-def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resume_step, progress) -> dict:
-    from . import energy
+def _train_and_finish(cfg, tp, ks, device, gpu, meter, timer, writer, run_name, resume_step, progress) -> dict:
+    from . import energy, stopping
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
-            "energy_source": meter.source, "energy_device": meter.device_key,
+            "energy_source": meter.source, "energy_device": meter.device_key, "energy_reason": meter.reason,
             "path": tp.path(device), "metrics": {}, "samples": {},
             "role": "server" if tp.rank == 0 else "client", "k": ks[tp.rank - 1] if tp.rank else -1}
+    if meter.reason and tp.rank == 0:
+        _log(tp.rank, f"energy: {meter.source} ({meter.reason})")
     if device.type == "cuda":
-        mine["device_info"] = energy.device_info(device.index)
+        mine["device_info"] = energy.device_info(gpu)
     # Flushes are collective; they are safe only when the server trains in step with the clients.
     flush_every = cfg.run.flush_every if any(k < cfg.diffusion.timesteps for k in ks) else 0
     flush = Flusher(tp, timer, mine, writer, run_name, flush_every)
-    if tp.rank == 0:
-        mine["privacy_cost"] = _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step)
-    else:
-        _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step)
+    stop = stopping.StopVote(tp, cfg.run.stop_check_every, cfg.train.steps)
+    try:
+        if tp.rank == 0:
+            mine["privacy_cost"] = _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step, stop)
+        else:
+            _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step, stop)
+    except stopping.Stopped as exc:  # every rank is here, at the same step edge, its state saved
+        meter.close()
+        mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows(),
+                    stop_signals=list(stopping.received))
+        everyone = tp.gather_obj(mine, what=f"in the gather of every rank's results at the stop "
+                                            f"after step {exc.steps_done}")
+        if tp.rank == 0:
+            from .report import stopped
+            signals = [s for r in everyone for s in r.get("stop_signals", [])]
+            stopped(writer, run_name, everyone, cfg, exc.steps_done, signals)
+        raise
     meter.close()
     from . import netpath
     mine.update(arrays=timer.arrays(), windows=timer.windows, comm=tp.stats.rows(),
@@ -127,6 +181,15 @@ def _train_and_finish(cfg, tp, ks, device, meter, timer, writer, run_name, resum
         from .checkpoint import mark_complete
         mark_complete(cfg)
     return mine
+
+
+def _torch_uuid(device) -> str:
+    """The CUDA device's UUID as torch reports it ('' where this torch cannot tell)."""
+    import torch
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # noqa: BLE001 -- older torch, or no driver: map through CUDA_VISIBLE_DEVICES
+        return ""
 
 
 class Flusher:
@@ -189,20 +252,24 @@ def _restore(cfg, tp, role, step: int):
         role.load_state_dict(checkpoint.load(cfg, tp.rank, step), step)
 
 
-def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
+def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step, stop):
+    from .progress import Progress
     from .server import Server
     server = Server(cfg, tp, ks, device, timer)
+    server.stop = stop
     _restore(cfg, tp, server, resume_step)
     bar = Progress(cfg.train.steps, progress and bool(server.senders),
-                   cfg.train.batch_size * len(server.senders))
+                   cfg.train.batch_size * len(server.senders), cfg.run.progress_every)
 
     def on_step(step, loss):
         bar.update(step, loss)
         flush(step, loss)
 
-    with timer.window("train"):
-        server.train(on_step=on_step)
-    bar.close()
+    try:
+        with timer.window("train"):
+            server.train(on_step=on_step)
+    finally:
+        bar.close()
     with timer.window("sample"):
         server.serve_samples()
     from .privacy import phase
@@ -215,7 +282,7 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step):
     return cost
 
 
-def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
+def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step, stop):
     from .client import Client
     from .data import client_data
     from .evaluate import client_features, evaluate_client
@@ -223,6 +290,7 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
     with timer.window("data_load"):
         data = client_data(cfg, index, tp.size - 1)
     client = Client(cfg, tp, index, ks[index], device, timer, data)
+    client.stop = stop
     _restore(cfg, tp, client, resume_step)
     with timer.window("train"):
         client.train(on_step=flush)
@@ -245,28 +313,6 @@ def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step):
     if client.learner is not None:
         state["ema"] = client.learner.ema.model.state_dict()
     _save(cfg, tp, f"client{index}", state, timer, flush.run_name)
-
-
-class Progress:
-    """One line on rank 0: step, loss, images/s; only on a terminal and without --quiet."""
-
-    def __init__(self, total: int, enabled: bool, images_per_step: int):
-        self.total, self.enabled = total, enabled and sys.stderr.isatty()
-        self.images_per_step = images_per_step
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, loss: float):
-        if not self.enabled:
-            return
-        rate = (step + 1) * self.images_per_step / max(time.perf_counter() - self.t0, 1e-9)
-        done = int(30 * (step + 1) / self.total)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step + 1}/{self.total}  "
-                         f"server loss {loss:.4f}  {rate:.0f} images/s ")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def run_loopback(cfg, n_clients: int) -> list[dict]:
@@ -329,78 +375,129 @@ def _options(fn):
     return fn
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _build_config(config_path, if_exists, overrides, quiet, resume, values):
+    """The config from the file, the options and --set; every option that cannot be applied is
+    reported together, in one ConfigError."""
+    cfg = cfgmod.load(config_path)
+    bad = []
+    settings = [(key.replace("__", "."), raw) for key, raw in values.items() if raw is not None]
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if sep:
+            settings.append((key.strip(), raw.strip()))
+        else:
+            bad.append(f"--set {item!r} must look like section.key=value")
+    for key, raw in settings:
+        try:
+            cfgmod.set_value(cfg, key, raw)
+        except ConfigError as exc:
+            bad.extend(exc.problems)
+    if bad:
+        raise ConfigError(bad)
+    if if_exists:
+        cfg.run.if_exists = if_exists
+    if quiet:
+        cfg.run.quiet = True
+    if resume:
+        cfg.run.resume = True
+    return cfg
+
+
+def submit_check(cfg, ranks: int | None) -> None:
+    """--check: what a job would find wrong at its start, found before it waits in the queue."""
+    from . import checkpoint
+    if ranks is None and os.environ.get("SLURM_NTASKS", "").isdigit():
+        ranks = int(os.environ["SLURM_NTASKS"])
+    try:
+        verify(cfg, ranks)
+    except (ConfigError, ValueError) as exc:
+        print(f"collafuse_mpi: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    where = "no rank count given (--ranks): per-client checks skipped" if ranks is None else \
+        f"{ranks} ranks: 1 server + {ranks - 1} clients, k = {cfg.cut_steps(ranks - 1)} of T = {cfg.diffusion.timesteps}"
+    print(f"check: OK ({where})")
+    mode = "new file" if not os.path.exists(cfg.run.output) else f"exists, run.if_exists = {cfg.run.if_exists}"
+    print(f"results: {os.path.abspath(cfg.run.output)} ({mode})")
+    print(f"checkpoints: {checkpoint.folder(cfg)}"
+          + (f" (resume from step {checkpoint.latest_any(cfg)})" if cfg.run.resume else ""), flush=True)
+
+
+class _Command(click.Command):
+    """Usage errors (a bad option) are printed by the first task only: every rank of a launch
+    parses the same command line, and N copies of one message hide the rest of the log."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            raise SystemExit(exc.exit_code) from None
+        except click.ClickException as exc:
+            if _launcher_rank() in (None, 0):
+                exc.show()
+            raise SystemExit(exc.exit_code) from None
+        except click.Abort:
+            raise SystemExit(1) from None
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", default=None, metavar="FILE", help="TOML config file (sections as in --help-config).")
 @_options
 @click.option("--append", "if_exists", flag_value="append", help="Add a run group to an existing results file.")
 @click.option("--overwrite", "if_exists", flag_value="overwrite", help="Replace an existing results file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config field.")
-@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output (bar on a terminal, lines in a log).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint that every rank completed.")
+@click.option("--check", "check_only", is_flag=True,
+              help="Only validate the config, data, results file and checkpoint folder, without MPI; exit 0 when "
+                   "a run would start (for submit time: the job scripts run it).")
+@click.option("--ranks", type=int, default=None, metavar="N",
+              help="With --check: the world size to check for (default $SLURM_NTASKS).")
 @click.option("--help-config", is_flag=True, help="List every config field with its default and meaning.")
-def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values):
+def cli(config_path, if_exists, overrides, quiet, resume, check_only, ranks, help_config, **values):
     """Train and sample a CollaFuse split diffusion model over MPI.
 
     Rank 0 is the server (t = k+1..T), ranks 1..N are clients (t = 1..k), with
     k = round(cut * T). Launch with, for example:
 
         mpirun -n 3 python -m collafuse_mpi.run --cut 0.4
+
+    SIGUSR1 or SIGTERM makes every rank save its state at the next step edge they share
+    (run.stop_check_every) and exit with code 75; --resume continues from there.
     """
     if help_config:
         click.echo(cfgmod.describe())
         return
+    if check_only:
+        try:
+            cfg = _build_config(config_path, if_exists, overrides, quiet, resume, values)
+        except ConfigError as exc:
+            print(f"collafuse_mpi: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        submit_check(cfg, ranks)
+        return
+    from . import stopping
     from .comm import MPITransport, PeerFailed
     from .report import failure_text
-    from .training import PREEMPTED, Preempted
-    signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())  # SLURM preemption: checkpoint, then stop
+    stopping.install()  # SLURM's warning signal or SIGTERM: all ranks save at one step edge, then stop
     tp = None
     try:
         try:
-            cfg = cfgmod.load(config_path)
-            bad = []  # every option that cannot be applied, reported together
-            settings = [(key.replace("__", "."), raw) for key, raw in values.items() if raw is not None]
-            for item in overrides:
-                key, sep, raw = item.partition("=")
-                if sep:
-                    settings.append((key.strip(), raw.strip()))
-                else:
-                    bad.append(f"--set {item!r} must look like section.key=value")
-            for key, raw in settings:
-                try:
-                    cfgmod.set_value(cfg, key, raw)
-                except ConfigError as exc:
-                    bad.extend(exc.problems)
-            if bad:
-                raise ConfigError(bad)
-            if if_exists:
-                cfg.run.if_exists = if_exists
-            if quiet:
-                cfg.run.quiet = True
-            if resume:
-                cfg.run.resume = True
-            problem = None
+            cfg, problem = _build_config(config_path, if_exists, overrides, quiet, resume, values), None
         except ConfigError as exc:
             cfg, problem = cfgmod.Config(), str(exc)
         tp = MPITransport(cuda_aware=cfg.run.cuda_aware if cfg.run.cuda_aware in cfgmod.TRISTATE else "auto")
-        tp.interrupt = PREEMPTED
         if problem:  # the same on every rank: report once
-            if tp.rank == 0:
+            if tp.rank == 0 and _launcher_rank() in (None, 0):
                 print(f"collafuse_mpi: error: {problem}", file=sys.stderr, flush=True)
             raise Abort(2)
         execute(cfg, tp, progress=not cfg.run.quiet)
-    except Abort:
-        raise
-    except (Preempted, InterruptedError):
-        _log(tp.rank if tp else -1, "preempted (SIGTERM): state saved where a step had ended; "
-             "continue with --resume")
-        if tp is not None and tp.size > 1:
-            time.sleep(2)  # let peers reach their step edge and save, then end the job together:
-            tp.abort(143)  # a plain exit would wait in MPI_Finalize for peers that stopped mid-step
-        raise SystemExit(143) from None
+    except (Abort, stopping.Stopped):
+        raise  # every rank leaves together: the exit code says why (2: bad input, 75: stopped, saved)
     except BaseException as exc:  # any failure on any rank ends the whole job, now
-        rank = tp.rank if tp else int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", -1)))
+        rank = tp.rank if tp else _launcher_rank()
         # a peer's failure was printed by that peer: said once
-        _log(rank, f"ending the job: rank {exc.rank} failed" if isinstance(exc, PeerFailed) else f"FAILED: {failure_text(exc)}")
+        _log(-1 if rank is None else rank,
+             f"ending the job: rank {exc.rank} failed" if isinstance(exc, PeerFailed) else f"FAILED: {failure_text(exc)}")
         if not (isinstance(exc, (TimeoutError, PeerFailed)) or getattr(exc, "errno", None) == errno.ENOSPC):
             traceback.print_exc()  # a deadline, a peer's report or a full disk says it all in one line
         sys.stderr.flush()
@@ -412,7 +509,7 @@ def cli(config_path, if_exists, overrides, quiet, resume, help_config, **values)
 
 
 def main():
-    cli(prog_name="python -m collafuse_mpi.run")
+    cli.main(prog_name="python -m collafuse_mpi.run")
 
 
 if __name__ == "__main__":

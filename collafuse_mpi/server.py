@@ -22,6 +22,7 @@ class Server:
         self.image_shape = (c, s, s)
         self.learner = None
         self.start_step = 0
+        self.stop = None  # a stopping.StopVote, set by the caller
         self._fused = None  # the fused batch buffer (rows = images of all senders)
         self._fused_layout = (0, 0, None)  # its rows, width, dtype: plain values, so no tensor query per message
         self._landings = {}  # (start, rows) -> Landing on those rows of the fused buffer
@@ -83,21 +84,19 @@ class Server:
         return x_t, t, k, eps_s
 
     def train(self, on_step=None):
-        if not self.senders:
-            return
         timer = self.timer
+        if not self.senders:  # nothing to train, but the stop votes at step edges are collective
+            for step in range(self.start_step, self.cfg.train.steps):
+                after_step(self.cfg, 0, step, timer, None, self.stop)
+            return
         for step in range(self.start_step, self.cfg.train.steps):
             timer.start_step(step, step < self.cfg.train.warmup_steps)
             fault_point(0, step)
-            try:
-                x_t, t, k, eps_s = self.receive_step(step)
-            except InterruptedError:  # preempted while a client had already stopped: nothing
-                after_step(self.cfg, 0, step - 1, timer, self.state_dict)  # of this step ran yet
-                raise
+            x_t, t, k, eps_s = self.receive_step(step)
             loss = float(self.learner.step(timer, eps_s, x_t, t, k))
             check_loss(0, step, loss)
             timer.end_step(loss, x_t.shape[0])
-            after_step(self.cfg, 0, step, timer, self.state_dict)  # before the collective flush
+            after_step(self.cfg, 0, step, timer, self.state_dict, self.stop)  # before the collective flush
             if on_step:
                 on_step(step, loss)
 

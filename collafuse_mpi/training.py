@@ -37,19 +37,16 @@ def seeded(seed: int, build):
 
 def fault_point(rank: int, step: int) -> None:
     """Testing hooks: COLLAFUSE_FAIL_AT=rank:step raises there (the abort path);
-    COLLAFUSE_HANG_AT=rank:step stops answering there (the receive deadline)."""
+    COLLAFUSE_HANG_AT=rank:step stops answering there (the receive deadline);
+    COLLAFUSE_STEP_DELAY_S=s makes every step s seconds longer (a long job, for signal tests)."""
+    delay = os.environ.get("COLLAFUSE_STEP_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
     here = f"{rank}:{step}"
     if os.environ.get("COLLAFUSE_FAIL_AT") == here:
         raise RuntimeError(f"injected failure at step {step} (COLLAFUSE_FAIL_AT={here})")
     if os.environ.get("COLLAFUSE_HANG_AT") == here:
         time.sleep(3600)
-
-
-PREEMPTED = threading.Event()  # set by the SIGTERM handler; roles checkpoint and stop at a step edge
-
-
-class Preempted(SystemExit):
-    pass
 
 
 def check_loss(rank: int, step: int, loss: float) -> None:
@@ -59,16 +56,21 @@ def check_loss(rank: int, step: int, loss: float) -> None:
                                  "(lower --lr, or check the data)")
 
 
-def after_step(cfg, rank: int, step: int, timer, state_fn) -> None:
-    """Checkpoint every run.checkpoint_every steps, and on preemption (then stop)."""
+def after_step(cfg, rank: int, step: int, timer, state_fn, stop=None) -> None:
+    """Checkpoint every run.checkpoint_every steps; and when the ranks agree to stop (`stop`, a
+    stopping.StopVote), save here and raise Stopped on every rank at this same edge.
+    `state_fn` None: this rank has nothing to save (a server that trains nothing)."""
     from . import checkpoint
+    from .stopping import Stopped, hook
+    hook(rank, step)
     done = step + 1
     every = cfg.run.checkpoint_every
-    if (every and done % every == 0) or PREEMPTED.is_set():
+    stopping = stop is not None and stop.at_edge(step)
+    if state_fn is not None and ((every and done % every == 0) or stopping):
         with timer.phase("checkpoint"):
             checkpoint.save(cfg, rank, done, state_fn())
-    if PREEMPTED.is_set():
-        raise Preempted(143)
+    if stopping:
+        raise Stopped(done)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

@@ -205,6 +205,28 @@ except TimeoutError as e:
 else:
     raise AssertionError("a collective with a missing peer did not time out")
 world.Barrier()
+
+# 8. the stop vote: each reads the maximum over all ranks, later than it starts (two in flight, read
+# in order); a rank that never votes is named by the deadline in the rank that waits for it
+v1 = tp.vote(rank)
+v2 = tp.vote(5 if rank == 0 else 2)
+assert (v1.result(), v2.result(), v1.result()) == (1, 5, 1)
+world.Barrier()
+try:
+    if rank == 0:
+        tp.vote(0, what="in test vote C").result()  # rank 1 never votes
+    else:
+        world.Barrier()
+        tp.vote(1, what="in test vote D").result()  # rank 0 never reads it
+except TimeoutError as e:
+    expect = "no answer from rank 1" if rank == 0 else "no answer from rank 0"
+    assert expect in str(e) and ("test vote C" in str(e) or "test vote D" in str(e)), e
+else:
+    raise AssertionError("a vote with a missing peer did not time out")
+if rank == 0:
+    world.Barrier()
+    assert world.recv(source=1, tag=cm.VOTE_TAG) == 1  # rank 1's unread vote D: nothing left in flight
+world.Barrier()
 if rank == 1:
     print("all checks passed", flush=True)
 sys.exit(0)

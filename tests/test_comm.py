@@ -77,6 +77,16 @@ def test_loopback_collectives_have_the_deadline_too():
         a.gather_obj(1, what="in the final gather")
 
 
+def test_loopback_vote_gives_the_maximum_and_names_a_rank_that_never_votes():
+    a, b, c = LoopbackTransport.group(3)
+    first = [tp.vote(v) for tp, v in ((a, 0), (b, 1), (c, 0))]
+    assert [v.result() for v in first] == [1, 1, 1]  # max over ranks, the same on every rank
+    a.timeout = 0.2
+    b.vote(0)  # rank 2 never starts this vote
+    with pytest.raises(TimeoutError, match=r"rank 0: no answer from rank 2 within 0.2 s in a stop vote"):
+        a.vote(0, what="in a stop vote").result()
+
+
 def test_handle_wait_names_the_receiver_that_never_takes_the_send():
     class Never:
         def Testall(self, requests):

@@ -130,7 +130,8 @@ def test_nvml_init_failure_falls_back(monkeypatch):
 
 def test_device_info(monkeypatch):
     fake = FakeNvml().install(monkeypatch)
-    assert energy.device_info(3) == {"name": "NVIDIA H100", "uuid": "GPU-1234", "driver": "550.54"}
+    assert energy.device_info(3) == {"name": "NVIDIA H100", "uuid": "GPU-1234", "driver": "550.54",
+                                     "nvml_match": "NVML index 3"}
     assert fake.inits == fake.shutdowns == 1
 
 

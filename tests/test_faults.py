@@ -79,9 +79,9 @@ def test_a_hung_peer_is_named_by_the_receive_deadline(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
-    """SLURM preemption signals every task: each rank saves its state at its next step edge,
-    and the job ends instead of hanging in MPI_Finalize."""
+def test_sigterm_saves_every_rank_at_one_step_edge(tmp_path):
+    """SLURM signals every task at the time limit (or the job script forwards its early warning):
+    the ranks agree on one step edge, each saves that step, and the job ends with code 75."""
     out = tmp_path / "r.h5"
     proc, tag = _start_long_run(out)
     try:
@@ -97,19 +97,18 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
-    assert "preempted (SIGTERM)" in text
-    # Rank 0 always saves (it can only be blocked where its state is whole). A client blocked on a
-    # server that already stopped has no step edge to save at; resume then uses the newest
-    # checkpoint every rank completed (run.checkpoint_every), see test_resume.
-    saved = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "r-checkpoints") for f in files]
-    names = {os.path.basename(f) for f in saved}
-    assert "rank0.pt" in names and not any(f.endswith(".tmp") for f in saved)
+    assert proc.returncode == 75, text
+    assert "stopped at step" in text and "SIGTERM" in text
+    root = tmp_path / "r-checkpoints"
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step"))
+    assert len(steps) == 1, steps  # one edge, shared by all
+    assert sorted(os.listdir(root / steps[0])) == ["rank0.pt", "rank1.pt", "rank2.pt"]
+    run = next(iter(results.read(out)["runs"].values()))
+    assert run["status"] == "stopped" and run["stopped_at_step"] == int(steps[0][4:])
     import torch
-    assert "identity.json" in names  # what the checkpoints belong to, for --resume
-    for f in saved:
-        if f.endswith(".pt"):
-            assert "learner" in torch.load(f, weights_only=False)
+    assert "identity.json" in os.listdir(root)  # what the checkpoints belong to, for --resume
+    for f in os.listdir(root / steps[0]):
+        assert "learner" in torch.load(root / steps[0] / f, weights_only=False)
 
 
 def test_nan_loss_stops_the_run_naming_step_and_rank(tmp_path):

@@ -32,6 +32,10 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert os.listdir(models) == ["second"]
     assert sorted(os.listdir(models / "second")) == ["rank0-server.pt", "rank1-client0.pt", "rank2-client1.pt"]
     assert b["resumed_from_step"] == 4
+    # the crashed run recorded its failure (rank 1); the resumed one keeps that and both name each other
+    first = _run(parts, "first")
+    assert first["status"] == "failed" and first["failed_rank"] == 1 and first["continued_in"] == f"{parts}::second"
+    assert b["resumed_from"] == f"{parts}::first"
     for rank in range(3):
         assert list(b["ranks"][rank]["step"]) == [4, 5, 6, 7]
         np.testing.assert_allclose(b["ranks"][rank]["loss"], a["ranks"][rank]["loss"][4:], rtol=1e-5, atol=1e-6)

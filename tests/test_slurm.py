@@ -154,3 +154,74 @@ def test_cut_sweep_writes_one_file_per_cut(tmp_path):
         assert_results(tmp_path / f"results-{jobid}-cut{c}.h5", logs)
     assert sorted(p.name for p in tmp_path.glob("results-*.h5")) == \
         sorted(f"results-{jobid}-cut{c}.h5" for c in cuts)
+
+
+def _log_has(log: Path, text: str, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _state(jobid: str) -> str:
+    return next(iter(job_states(jobid).values()), "")
+
+
+def test_warned_job_saves_requeues_and_resumes_to_the_same_losses(tmp_path):
+    """SLURM's early warning (USR1 to the batch shell, as --signal=B:USR1@120 sends it; here sent
+    at once with scancel) mid-training: every rank saves at one shared step edge, the job
+    requeues itself, restarts with --resume into the same results file, and its losses, step for
+    step, are those of an uninterrupted run of the same config (CPU: deterministic)."""
+    from conftest import launch
+
+    from collafuse_mpi import results
+    args = (TINY.replace("--steps 3", "--steps 16") + " --seed 3 --run-name r"
+            " --set run.stop_check_every=2 --set run.progress_every=0")
+    jobid = submit("collafuse.sbatch", tmp_path, CF_ARGS=args, COLLAFUSE_STEP_DELAY_S="0.4")
+    log = tmp_path / f"collafuse-{jobid}.out"
+    try:
+        assert _log_has(log, "progress: step 2/16", DEADLINE_S), _show([log])
+        r = subprocess.run(["scancel", "--signal=USR1", "--batch", jobid], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert _log_has(log, "requeueing job", 120), _show([log])
+        # SLURM holds a requeued job back for two minutes (BeginTime); let it start now
+        end = time.monotonic() + 60
+        while _state(jobid) != "PENDING" and time.monotonic() < end:
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], capture_output=True)
+        states = wait(jobid, [log])
+    finally:
+        subprocess.run(["scancel", jobid], capture_output=True)
+    assert set(states.values()) == {"COMPLETED"}, f"job {jobid}: {states}\n{_show([log])}"
+    text = log.read_text(errors="replace")
+    assert "stopped at step" in text and f"restart 1 of job {jobid}: resuming" in text, text
+    runs = results.read(tmp_path / f"results-{jobid}.h5")["runs"]
+    first, second = runs["r"], runs["r-2"]
+    assert first["status"] == "stopped" and second["status"] == "complete"
+    stop = first["stopped_at_step"]
+    assert 2 <= stop < 16 and second["resumed_from_step"] == stop
+    assert first["continued_in"].endswith("::r-2") and second["slurm"]["restart_count"] == "1"
+    assert first["slurm"]["job_id"] == second["slurm"]["job_id"] == jobid
+    whole_path = tmp_path / "whole.h5"
+    p = launch(3, [*shlex.split(args.replace("--set diffusion.sample_steps=4", "")), "--sample-steps", "4",
+                   "-o", str(whole_path)])
+    assert p.returncode == 0, p.stderr
+    whole = results.read(whole_path)["runs"]["r"]
+    for rank in range(3):
+        losses = list(first["ranks"][rank]["loss"]) + list(second["ranks"][rank]["loss"])
+        assert len(losses) == 16
+        assert losses == pytest.approx(list(whole["ranks"][rank]["loss"]), rel=1e-5, abs=1e-6)
+
+
+def test_srun_without_pmi_says_the_ranks_could_not_form_one_world(tmp_path):
+    """srun --mpi=none starts 2 singletons (each a world of 1): the run says so, once."""
+    r = subprocess.run(["srun", "-n", "2", "--mpi=none", f"--chdir={tmp_path}", "--time=00:05:00",
+                        *shlex.split(os.environ.get("CF_SLURM_TEST_SBATCH_ARGS", "")),
+                        sys.executable, "-m", "collafuse_mpi.run", *shlex.split(TINY), "-o", "r.h5"],
+                       capture_output=True, text=True, env=_env(PYTHONPATH=str(REPO)), timeout=DEADLINE_S)
+    assert r.returncode != 0
+    err = r.stderr
+    assert err.count("could not form one MPI world") == 1, err
+    assert "SLURM_STEP_NUM_TASKS=2" in err and "--mpi=pmix" in err and "need at least 2 ranks" not in err

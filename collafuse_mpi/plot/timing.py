@@ -197,7 +197,7 @@ def _window(run: Run, requested) -> tuple[int, int]:
 
 def fig_energy(ctx: Ctx):
     rows, unavailable, shared = [], [], []
-    sources = set()
+    sources, reasons = set(), set()
     for run in ctx.runs:
         for rank in sorted(run.ranks):
             g = run.ranks[rank]
@@ -207,6 +207,8 @@ def fig_energy(ctx: Ctx):
             role = run.role(rank)
             if src == "unavailable" or not math.isfinite(e):
                 unavailable.append((run, rank, role))
+                if g.get("energy_reason"):
+                    reasons.add(str(g["energy_reason"]))
                 continue
             if not bool(g.get("energy_owner", True)):
                 shared.append((run, rank, role))
@@ -218,7 +220,8 @@ def fig_energy(ctx: Ctx):
     if not rows:
         what = "every rank of every run" if not shared else "every rank that owns its device counter"
         raise Missing(f"no energy readings: energy_source is 'unavailable', or the train window's energy_j is "
-                      f"NaN or absent (incomplete run), on {what} (ranks/<r>/windows/train@energy_j)")
+                      f"NaN or absent (incomplete run), on {what} (ranks/<r>/windows/train@energy_j)"
+                      + (f"; why: {'; '.join(sorted(reasons))}" if reasons else ""))
     colors = ctx.n_colors()
     fig = new_figure(11.5, 4.3)
     ax_e, ax_i = fig.subplots(1, 2)
@@ -266,7 +269,8 @@ def fig_energy(ctx: Ctx):
     if unavailable:
         notes.append("No energy reading (energy_source 'unavailable' or NaN), not plotted: "
                      + _summarize(unavailable, ctx) + ".")
-        ctx.note("energy", "no energy reading for " + _summarize(unavailable, ctx))
+        why = f" (why: {'; '.join(sorted(reasons))})" if reasons else ""
+        ctx.note("energy", "no energy reading for " + _summarize(unavailable, ctx) + why)
     if shared:
         notes.append("Not plotted because they share a device (and its energy counter) with another rank, whose "
                      "value then covers both: " + _summarize(shared, ctx) + ".")
