@@ -3,6 +3,7 @@ recovered from received messages, the x_k it generated at sampling, its own mode
 data. What it produces per client goes to that client's rank, which alone can score it."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -101,6 +102,9 @@ def server_attacks(cfg, sched, log, sample_views: dict, names: tuple, aux: torch
                             pkg["linked"][name] = est[name](y, a_m)
         if "sampling" in names and c in sample_views:
             pkg["sample"] = {n: fn(sample_views[c], a) for n, fn in est.items() if n in names}
+            # the x_k handed over at sampling is the server's denoised anchor, not a noisy view:
+            # the plain rescale can beat the estimators that shrink it as if it were noisy
+            pkg["sample"]["rescale"] = (sample_views[c] / math.sqrt(a)).clamp(-1, 1)
         pkg["analytic"] = _anchors(prior, scalar, public_prior, a, pkg)
         packages[c] = pkg
     cost = {n: {"seconds": w, "cpu_seconds": cpu} for n, (w, cpu) in clock.seconds.items()}

@@ -33,6 +33,8 @@ def score(client, pkg: dict, final: torch.Tensor, names: tuple, seed: int) -> di
            "reconstruction": {n: _quality(r, x0) for n, r in pkg["recon"].items()},
            "analytic": dict(pkg["analytic"]), "skipped": pkg["skipped"]}
     counts = torch.unique(idx, return_counts=True)[1].double()
+    if cfg.privacy.cut_noise == "per_image":  # every view of an image is one x_k: one independent view
+        counts = torch.ones_like(counts)
     out["analytic"].update(_per_run(pkg["spectrum"].double(), a, counts))
     if pkg["linked"]:
         out["linked"] = {n: _quality(r, x0) for n, r in pkg["linked"].items()}
@@ -50,7 +52,8 @@ def score(client, pkg: dict, final: torch.Tensor, names: tuple, seed: int) -> di
 
 
 def _per_run(spectrum, a: float, counts: torch.Tensor) -> dict:
-    """The anchors for the views actually sent per image: m views are one view at linked_abar(a, m)."""
+    """The anchors for the independent views sent per image: m views are one view at linked_abar(a, m).
+    views_per_image is then the number of independent views (1 with per_image cut noise)."""
     if a >= 1.0:
         return {"views_per_image": float(counts.mean()), "linear_mse_run": 0.0, "mi_bits_run": math.inf}
     prior = LinearPrior(torch.zeros(len(spectrum), dtype=torch.float64), torch.eye(len(spectrum), dtype=torch.float64),
