@@ -38,6 +38,10 @@ class NullTimer:
     def phase(name):
         return contextlib.nullcontext()
 
+    @staticmethod
+    def add_flops(name, flops):
+        pass
+
 
 DEVICE = torch.device("cpu")  # set by main(); everything below runs there
 
@@ -63,6 +67,9 @@ class SumTimer:
         finally:
             sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def add_flops(self, name, flops):
+        pass  # this bench times phases; FLOPs are counted by the harness in real runs
 
 
 def client_batches(cfg: Config, n: int, seed: int = 0):

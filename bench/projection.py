@@ -197,6 +197,10 @@ class NullTimer:
     def phase(name):
         return contextlib.nullcontext()
 
+    @staticmethod
+    def add_flops(name, flops):
+        pass
+
 
 def direct_timing(c: dict, client_counts: list[int], iters: int, warmup: int, threads: int, device: str) -> dict:
     """Server step on fused batches of n client messages, and one client step, timed in this process."""
