@@ -505,14 +505,18 @@ class MPITransport:
             self._wait_all({r: self.comm.isend(obj, dest=r, tag=BCAST_TAG)
                             for r in range(self.size) if r != root}, what)
             return obj
+        return self._from_root(root, BCAST_TAG, what, self.timeout)
+
+    def _from_root(self, root: int, tag: int, what: str, timeout: float):
+        """The object the root sent this rank with `tag`, within the deadline."""
         box = []
 
         def arrived():
-            msg = self.comm.improbe(source=root, tag=BCAST_TAG)
+            msg = self.comm.improbe(source=root, tag=tag)
             if msg is not None:
                 box.append(msg.recv())
             return bool(box)
-        poll(arrived, self.timeout, lambda: late(self.rank, [root], what, self.timeout), what, watch=self.watch)
+        poll(arrived, timeout, lambda: late(self.rank, [root], what, timeout), what, watch=self.watch)
         return box[0]
 
     def scatter_obj(self, objs, root=0, what="waiting for the attack results from rank 0", timeout=None):
@@ -523,15 +527,7 @@ class MPITransport:
             self._wait_all({r: self.comm.isend(objs[r], dest=r, tag=SCATTER_TAG)
                             for r in range(self.size) if r != root}, what)
             return objs[root]
-        box = []
-
-        def arrived():
-            msg = self.comm.improbe(source=root, tag=SCATTER_TAG)
-            if msg is not None:
-                box.append(msg.recv())
-            return bool(box)
-        poll(arrived, timeout, lambda: late(self.rank, [root], what, timeout), what, watch=self.watch)
-        return box[0]
+        return self._from_root(root, SCATTER_TAG, what, timeout)
 
     def barrier(self, what="at a barrier"):
         self.gather_obj(None, what=what)
