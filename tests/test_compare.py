@@ -38,6 +38,7 @@ def files(tmp_path_factory):
         cfg.run.seed, cfg.run.run_name = seed, f"cut0.4-s{seed}"
         cfg.run.device, cfg.run.output, cfg.run.quiet, cfg.run.save_models = "cpu", str(a), True, False
         cfg.run.if_exists = "overwrite" if i == 0 else "append"
+        cfg.privacy.attacks = "quick"
         run.run_loopback(cfg, 2)
     b = d / "b.h5"  # the same runs with the server's forward phase made 10x slower
     shutil.copy(a, b)

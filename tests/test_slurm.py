@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
-TINY = "--steps 3 --batch-size 4 --samples-per-client 2 --timesteps 10 --set diffusion.sample_steps=4"
+TINY = ("--steps 3 --batch-size 4 --samples-per-client 2 --timesteps 10 --set diffusion.sample_steps=4"
+        " --set privacy.attacks=quick")
 DEADLINE_S = float(os.environ.get("CF_SLURM_TEST_TIMEOUT", "300"))
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}

@@ -11,7 +11,7 @@ from collafuse_mpi.loopback import LoopbackTransport
 
 ARGS = ["--steps", "12", "--batch-size", "4", "--timesteps", "10", "--sample-steps", "4",
         "--samples-per-client", "4", "--quiet", "--cut", "0.5", "--seed", "3",
-        "--set", "run.stop_check_every=2", "--set", "run.flush_every=3"]
+        "--set", "run.stop_check_every=2", "--set", "run.flush_every=3", "--set", "privacy.attacks=quick"]
 
 
 def _edges(n_ranks, flag_rank, flag_step, every, steps):
