@@ -1,5 +1,5 @@
 """jobs/collafuse.sbatch's network knobs, run as a plain script with a stand-in mpirun that prints
-what it was given: CF_NET=tcp pins Open MPI to TCP between nodes on CF_NET_IF, CF_NET=ucx to UCX,
+what it was given (after the script's own --check of the run): CF_NET=tcp pins Open MPI to TCP between nodes on CF_NET_IF, CF_NET=ucx to UCX,
 CF_HOSTFILE reaches mpirun, a bad CF_NET fails before anything is launched."""
 import os
 import subprocess
@@ -18,7 +18,7 @@ def _run(tmp_path, **env):
     fake.write_text(FAKE)
     fake.chmod(0o755)
     e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_MCA", "PRTE_MCA", "UCX_", "CF_"))}
-    e.update(CF_MPIRUN=str(fake), CF_ENV="/dev/null", CF_NRANKS="1", CF_OUTDIR=str(tmp_path), **env)
+    e.update(CF_MPIRUN=str(fake), CF_ENV="/dev/null", CF_NRANKS="3", CF_OUTDIR=str(tmp_path), **env)
     return subprocess.run(["bash", os.path.join(REPO, "jobs", "collafuse.sbatch")], capture_output=True,
                           text=True, env=e, cwd=tmp_path, timeout=60)
 

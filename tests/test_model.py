@@ -39,6 +39,9 @@ class NullTimer:
     def phase(self, name):
         return contextlib.nullcontext()
 
+    def add_flops(self, name, flops):
+        pass
+
 
 @pytest.mark.parametrize("preset,size", [("tiny", 8), ("tiny", 16), ("small", 16), ("small", 12),
                                          ("base", 32)])
