@@ -153,7 +153,8 @@ def test_a_host_cut_off_is_named_within_the_receive_deadline(hosts, tmp_path):
     assert proc.returncode != 0, text[-3000:]
     assert elapsed < 5 + 25, f"job ended {elapsed:.1f} s after the cut"
     run = next(iter(results.read(out)["runs"].values()))  # the file still opens
-    assert run["status"] == "running" and run["world_size"] == 3
+    # the rank that timed out records the failure in the group when it still can
+    assert run["status"] in ("failed", "running") and run["world_size"] == 3
 
 
 def test_down_leaves_nothing_behind(hosts):
