@@ -43,3 +43,13 @@ def tiny_config(output) -> config.Config:
     cfg.run.output, cfg.run.quiet = str(output), True
     cfg.privacy.attacks = "quick"
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests, as each rank runs; restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

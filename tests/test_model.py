@@ -26,13 +26,7 @@ def randomise_output(model, seed=0):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ranks run with torch_threads = 1; it also keeps these tests fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as each rank runs
 
 
 class NullTimer:

@@ -20,12 +20,7 @@ from collafuse_mpi.schedule import Schedule
 T, K = 100, 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as each rank runs
 
 
 @pytest.fixture(scope="module")

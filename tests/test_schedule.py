@@ -33,13 +33,7 @@ def gen(seed: int) -> torch.Generator:
     return g
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as each rank runs; keeps the sampling fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, as each rank runs
 
 
 @pytest.fixture(scope="module")
