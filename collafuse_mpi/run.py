@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 
 import click
@@ -422,6 +423,9 @@ def submit_check(cfg, ranks: int | None) -> None:
           + (f" (resume from step {checkpoint.latest_any(cfg)})" if cfg.run.resume else ""), flush=True)
 
 
+USAGE_GRACE_S = 5.0  # how long the other tasks wait before failing on a usage error
+
+
 class _Command(click.Command):
     """Usage errors (a bad option) are printed by the first task only: every rank of a launch
     parses the same command line, and N copies of one message hide the rest of the log."""
@@ -434,6 +438,9 @@ class _Command(click.Command):
         except click.ClickException as exc:
             if _launcher_rank() in (None, 0):
                 exc.show()
+                sys.stderr.flush()
+            else:  # the launcher ends the job at the first failed task: let the first task speak
+                time.sleep(USAGE_GRACE_S)
             raise SystemExit(exc.exit_code) from None
         except click.Abort:
             raise SystemExit(1) from None

@@ -88,7 +88,7 @@ def test_cpu_seconds_per_phase_count_work_not_sleep():
     cpu, wall = a["phase_cpu_seconds"][0], a["phase_seconds"][0]
     f, w = PHASES.index("forward"), PHASES.index("wait")
     assert a["phase_cpu_seconds"].shape == (1, len(PHASES))
-    assert cpu[f] >= 0.05 and wall[f] >= 0.05
+    assert cpu[f] >= 0.05 and wall[f] >= 0.04  # process time counts every thread: wall may be a little less
     assert wall[w] >= 0.05 and cpu[w] < 0.02
     assert np.all(cpu[[i for i in range(len(PHASES)) if i not in (f, w)]] == 0)
 
