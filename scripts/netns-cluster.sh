@@ -23,7 +23,9 @@
 # sends and receives at RATE at most, as on a full-duplex switch port. Delay: this kernel may have
 # no netem, so an iptables NFQUEUE rule on each host's egress hands packets to
 # scripts/netns_delay.py, which releases each one DELAY after it was queued (packets pass
-# undelayed if the helper is gone: --queue-bypass).
+# undelayed if the helper is gone: --queue-bypass). The helpers run at real-time priority
+# (SCHED_FIFO, CF_NETNS_DELAY_RT=50; 0 = normal), so ranks computing on the same cores do not
+# hold packets back the way they never hold back a NIC; a helper sleeps in select between packets.
 # Launch: Open MPI's PRRTE starts the remote daemons through its ssh agent; here the agent is a
 # script that runs the daemon in the named host's namespace with that host's hostname (a UTS
 # namespace each: ranks that share a hostname across namespaces hang at finalize). The TCP BTL and
@@ -150,6 +152,7 @@ cmd_shape() {
     local rate=$1 delay=${2%us}; shift 2
     [[ $delay =~ ^[0-9]+$ ]] || die "delay $2: integer microseconds, e.g. 200us"
     local targets; targets=${*:-$(hosts_up)}
+    local rt=()
     for i in $targets; do
         [ -e "/run/netns/$(ns "$i")" ] || die "no host $i"
         unshape_host "$i"
@@ -165,7 +168,11 @@ cmd_shape() {
         if [ "$delay" -gt 0 ]; then
             command -v iptables >/dev/null || die "delay needs iptables (apt-get install iptables)"
             ip netns exec "$(ns "$i")" iptables -A OUTPUT -o eth0 -j NFQUEUE --queue-num 0 --queue-bypass
-            ip netns exec "$(ns "$i")" "$PY" "$HERE/netns_delay.py" --queue 0 --delay-us "$delay" \
+            rt=()
+            if [ "${CF_NETNS_DELAY_RT:-50}" != 0 ] && chrt -f "${CF_NETNS_DELAY_RT:-50}" true 2>/dev/null; then
+                rt=(chrt -f "${CF_NETNS_DELAY_RT:-50}")
+            fi
+            ip netns exec "$(ns "$i")" "${rt[@]}" "$PY" "$HERE/netns_delay.py" --queue 0 --delay-us "$delay" \
                 </dev/null >"$STATE/delay-$i.log" 2>&1 &
             echo $! >"$STATE/delay-$i.pid"
         fi
@@ -176,7 +183,7 @@ cmd_shape() {
             cat "$STATE/delay-$i.log" >&2; die "the delay helper of host $i did not start"
         fi
     done
-    log "shape: hosts $(echo $targets) at rate $rate, one-way delay ${delay} us"
+    log "shape: hosts $(echo $targets) at rate $rate, one-way delay ${delay} us${rt[*]:+ (delay helpers: ${rt[*]})}"
 }
 
 cmd_run() {

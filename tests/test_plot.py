@@ -335,3 +335,17 @@ def test_runs_without_torch_or_mpi4py(files, tmp_path):
     assert "BAD []" in proc.stderr
     assert "LOCK FALSE" in proc.stderr  # reading never blocks a run that is still writing the file
     assert len(glob.glob(str(tmp_path / "*.png"))) == len(FIGURE_STEMS)
+
+
+def test_disclosure_curves_carry_the_95_percent_interval_over_seeds():
+    """Repeats of a cut (seeds) give the mean and the t-interval half-width t_{0.975, n-1} s / sqrt(n);
+    a cut with one run has no interval (nan); c = 0's near-exact copy is drawn at 80 dB, no value at all."""
+    from types import SimpleNamespace
+    from collafuse_mpi.plot import privacy as pp
+    runs = [SimpleNamespace(x_cut=0.2, v=v) for v in (20.0, 22.0, 24.0)] + [SimpleNamespace(x_cut=0.0, v=149.3),
+                                                                           SimpleNamespace(x_cut=0.4, v=15.0),
+                                                                           SimpleNamespace(x_cut=0.6, v=np.nan)]
+    xs, ys, ci = pp._series(runs, lambda r: r.v)
+    assert xs.tolist() == [0.0, 0.2, 0.4]  # a run without a value leaves its cut out
+    assert ys[0] == 80.0 and ys[1] == pytest.approx(22.0) and ci[1] == pytest.approx(4.303 * 2.0 / np.sqrt(3))
+    assert ys[2] == 15.0 and np.isnan(ci[2])

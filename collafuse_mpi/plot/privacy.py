@@ -10,6 +10,7 @@ from matplotlib.lines import Line2D
 
 from .runs import Ctx, Missing, _finite
 from .style import cut_axis, empty_message, footnote, new_figure
+from .trends import mean_ci
 
 # (group in the results, name, label, colour, line style)
 RECON = (("reconstruction", "scalar", "scalar Wiener (one view)", "0.55", ":"),
@@ -36,14 +37,16 @@ def _mode(run) -> str:
 
 
 def _series(runs, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut, mean and spread (std over repeated runs, e.g. seeds) of value(run), sorted by cut."""
+    """Cut, mean and the 95% t-interval half-width of the mean over repeated runs (e.g. seeds;
+    nan for a single run) of value(run), sorted by cut."""
     by = {}
     for run in runs:
         v = value(run)
         if v is not None and _finite(v):
             by.setdefault(round(run.x_cut, 6), []).append(float(min(v, 80.0)))  # c = 0: exact copy
     xs = np.array(sorted(by))
-    return (xs, np.array([np.mean(by[x]) for x in xs]), np.array([np.std(by[x]) for x in xs]))
+    stats = [mean_ci(by[x]) for x in xs]
+    return xs, np.array([m for m, _, _ in stats]), np.array([ci for _, ci, _ in stats])
 
 
 def _anchor(run, key):
@@ -57,7 +60,8 @@ def _plot(ax, runs, value, color, ls, label):
     if not len(xs):
         return False
     ax.plot(xs, ys, ls, color=color, marker="o", ms=3.5, lw=1.4, label=label)
-    if np.any(sd > 0):
+    if np.any(np.isfinite(sd)):
+        sd = np.nan_to_num(sd)
         ax.fill_between(xs, ys - sd, ys + sd, color=color, alpha=0.15, lw=0)
     return True
 
@@ -137,7 +141,7 @@ def fig_disclosure(ctx: Ctx):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    handles.append(Line2D([], [], color="0.3", lw=6, alpha=0.2, label="band: std over repeated runs (seeds)"))
+    handles.append(Line2D([], [], color="0.3", lw=6, alpha=0.2, label="band: 95% confidence interval of the mean over repeated runs (seeds)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=7.5)
     fig.suptitle("What the server learns about the clients' images, against the cut", fontsize=11)
     footnote(fig, ["Every curve is an attack run by rank 0 on the messages it received, scored on each client's rank "

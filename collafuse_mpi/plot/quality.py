@@ -10,6 +10,7 @@ from matplotlib.patches import Patch
 
 from .runs import Ctx, Missing, Run, _count, _finite, _num, _summarize
 from .style import _jitter, cut_axis, empty_message, footnote, new_figure
+from .trends import mean_ci
 
 
 # ----------------------------------------------------------------------------- KID
@@ -33,8 +34,9 @@ def kid_data(ctx: Ctx) -> tuple[dict, list]:
                     runs) of each homogeneous configuration, sorted by cut
       "pooled"      [{"run", "n", "x", "mean", "std", "n_real", "n_fake", "heterogeneous"}]: one per
                     run with metrics/pooled/kid, x = the run's cut (mean client cut if heterogeneous)
-      "pooled_mean" {n clients: [(cut, mean, std, count)]}: pooled KID of each homogeneous
-                    configuration, mean and std over its repeated runs, sorted by cut
+      "pooled_mean" {n clients: [(cut, mean, ci, count)]}: pooled KID of each homogeneous
+                    configuration, mean and 95% t-interval half-width over its repeated runs
+                    (nan for a single run), sorted by cut
       "no_pooled"   [run]: runs with client KIDs in this set but no pooled KID
     """
     sets, no_kid = {}, []
@@ -71,6 +73,8 @@ def kid_data(ctx: Ctx) -> tuple[dict, list]:
                     by.setdefault(it["n"], {}).setdefault(it["run"].cut, []).append(it["mean"])
             d[field_] = {n: [(c, float(np.mean(v)), float(np.std(v)) if len(v) > 1 else 0.0, len(v))
                              for c, v in sorted(cs.items())] for n, cs in sorted(by.items())}
+            if field_ == "pooled_mean":  # repeats of a configuration: the 95% interval of their mean
+                d[field_] = {n: [(c, *mean_ci(v)) for c, v in sorted(cs.items())] for n, cs in sorted(by.items())}
         pooled_runs = {id(it["run"]) for it in d["pooled"]}
         d["no_pooled"] = list({id(it["run"]): it["run"] for it in d["clients"]
                                if id(it["run"]) not in pooled_runs}.values())
@@ -113,8 +117,11 @@ def fig_kid(ctx: Ctx):
                 ax.errorbar(px, [it["mean"] for it in psel], yerr=np.nan_to_num([it["std"] for it in psel]),
                             linestyle="none", color=colors[n], capsize=3, lw=1.0, zorder=4, **POOLED_STYLE)
             if d["pooled_mean"].get(n):
-                cx, cm, _, _ = (np.array(v) for v in zip(*d["pooled_mean"][n]))
+                cx, cm, ci, _ = (np.array(v, dtype=float) for v in zip(*d["pooled_mean"][n]))
                 ax.plot(cx + off + 0.01, cm, linestyle="--", color=colors[n], lw=1.4, zorder=3.5)
+                if np.any(np.isfinite(ci)):
+                    ax.fill_between(cx + off + 0.01, cm - np.nan_to_num(ci), cm + np.nan_to_num(ci),
+                                    color=colors[n], alpha=0.15, lw=0)
         styles = []
         if items:
             styles += [Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none",
@@ -125,6 +132,9 @@ def fig_kid(ctx: Ctx):
             styles.append(Line2D([], [], color="0.3", linestyle="--", lw=1.4, **POOLED_STYLE,
                                  label="pooled: all clients' samples vs all\n"
                                        "held-out images (\u00b1 std over subsets)"))
+            if any(k > 1 for v in d["pooled_mean"].values() for *_, k in v):
+                styles.append(Line2D([], [], color="0.3", lw=6, alpha=0.2,
+                                     label="band: 95% CI of the pooled mean over repeated runs (seeds)"))
         handles = _series_legend(ns, colors, styles)
         cut_axis(ax)
         ax.set_ylabel(f"KID, {features} features (unbiased MMD\u00b2, dimensionless)")
