@@ -65,16 +65,25 @@ class Client:
     def train_step(self, step: int) -> tuple[float, int]:
         """This client's part of one training step (the host opens and closes the step):
         (loss, images)."""
-        cfg, timer = self.cfg, self.timer
-        with timer.phase("data"):
+        x0, target = self.begin_step(step)
+        loss = self.learner.step(self.timer, target[2], target[0], target[1]) if target else torch.tensor(float("nan"))
+        return self.end_step(step, x0, loss)
+
+    def begin_step(self, step: int):
+        """The batch and the client's own training target: (x0, (x_t, t, eps) or None when k = 0)."""
+        with self.timer.phase("data"):
             x0 = next(self.batches).to(self.device)
         if self.record_dir:  # testing hook: the true batches, to audit what the server got
             np.save(os.path.join(self.record_dir, f"x0-client{self.index}-s{step}.npy"), x0.cpu().numpy())
-        loss = torch.tensor(float("nan"))
-        if self.learner is not None:
-            with timer.phase("noise"):
-                x_t, t, eps = schedule.client_target(self.sched, x0, self.k, self.noise_gen)
-            loss = self.learner.step(timer, eps, x_t, t.to(self.device))
+        if self.learner is None:
+            return x0, None
+        with self.timer.phase("noise"):
+            x_t, t, eps = schedule.client_target(self.sched, x0, self.k, self.noise_gen)
+        return x0, (x_t, t.to(self.device), eps)
+
+    def end_step(self, step: int, x0, loss) -> tuple[float, int]:
+        """After the client's own update: the server's message from the same batch, sent."""
+        cfg, timer = self.cfg, self.timer
         if self.sends:
             with timer.phase("noise"):
                 index = self.batches.last_index

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from . import comm
 from .stopping import Stopped
@@ -50,8 +51,11 @@ class ClientHost:
         self.cfg, self.tp, self.clients, self.timer, self.n_clients = cfg, tp, clients, timer, n_clients
         self.start_step = 0
         self.stop = None  # a stopping.StopVote, set by the caller
+        self.stack = None  # batched.StackedLearners while training batched
 
     def state_dict(self) -> dict:
+        if self.stack is not None:  # the stack holds the newest state: the learners get it first
+            self.stack.write_back()
         if len(self.clients) == 1:  # the layout of a one-client rank's checkpoint
             return self.clients[0].state_dict()
         return {"logical": {c.index: c.state_dict() for c in self.clients}}
@@ -63,11 +67,20 @@ class ClientHost:
         self.start_step = step
 
     def train(self, on_step=None):
+        learners = [c.learner for c in self.clients if c.learner is not None]
+        if self.cfg.train.batched_clients and len(learners) > 1:
+            from .batched import StackedLearners
+            self.stack = StackedLearners(learners)
+            self.rows = {c.index: j for j, c in enumerate(c for c in self.clients if c.learner is not None)}
         try:
             self._train(on_step)
         except Stopped:  # the server has taken every batch up to the edge where all stopped
             self._drain()
             raise
+        finally:
+            if self.stack is not None:
+                self.stack.write_back()
+                self.stack = None
         self._drain()
 
     def _drain(self):
@@ -80,14 +93,11 @@ class ClientHost:
             timer.start_step(step, step < cfg.train.warmup_steps)
             fault_point(self.tp.rank, step)
             chosen = set(cohort(cfg.run.seed, step, self.n_clients, cfg.train.clients_per_step))
-            losses, images = [], 0
-            for c in self.clients:  # logical-id order: the order the server receives in
-                if c.index in chosen:
-                    loss, n = c.train_step(step)
-                    images += n
-                else:
-                    loss = math.nan
-                losses.append(loss)
+            members = [c for c in self.clients if c.index in chosen]  # in logical-id order, as the server reads
+            done = self._batched_step(step, members) if self.stack is not None else \
+                {c.index: c.train_step(step) for c in members}
+            losses = [done[c.index][0] if c.index in done else math.nan for c in self.clients]
+            images = sum(n for _, n in done.values())
             trained = [v for v in losses if not math.isnan(v)]
             loss_value = sum(trained) / len(trained) if trained else math.nan
             timer.end_step(loss_value, images, losses if len(self.clients) > 1 else None)
@@ -95,6 +105,18 @@ class ClientHost:
             after_step(cfg, self.tp.rank, step, timer, self.state_dict, self.stop)
             if on_step:
                 on_step(step, loss_value)
+
+    def _batched_step(self, step: int, members: list) -> dict:
+        """The members' models in one batched update; every random draw and message is each
+        client's own, in the order the loop makes them."""
+        begun = [(c, *c.begin_step(step)) for c in members]
+        trained = [(c, target) for c, _, target in begun if target is not None]
+        losses = {}
+        if trained:
+            values = self.stack.step(self.timer, [self.rows[c.index] for c, _ in trained], [t for _, t in trained])
+            losses = {c.index: v for (c, _), v in zip(trained, values)}
+        nan = torch.tensor(float("nan"))
+        return {c.index: c.end_step(step, x0, losses.get(c.index, nan)) for c, x0, _ in begun}
 
     def sample(self) -> dict:
         """Every client's (final samples, server view): all requests go out first (the server may

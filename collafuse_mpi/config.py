@@ -111,6 +111,10 @@ class TrainConfig:
     """Training forward pass under torch.autocast: off, or bf16 (the loss stays float32)."""
     channels_last: bool = False
     """Keep models and training inputs in channels_last memory format."""
+    batched_clients: bool = False
+    """Train a rank's logical clients as one batched computation (their stacked weights under
+    torch.func.vmap) instead of one after another; equal to the loop to float tolerance. Needs
+    model.dropout = 0, train.autocast = off and train.channels_last = false."""
     clients_per_step: int = 0
     """Cohort size: logical clients that take part in each step, drawn from the run seed and the
     step (the same draw on every rank); 0 = all. Clients outside the cohort skip the step."""
@@ -449,6 +453,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")
     _check(r.cuda_aware in TRISTATE, f"run.cuda_aware must be one of {', '.join(TRISTATE)}")
     _check(_is_int(r.torch_threads) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
+    _check(not (tr.batched_clients is True and (m.dropout != 0 or tr.autocast != "off" or tr.channels_last)),
+           "train.batched_clients needs model.dropout = 0, train.autocast = off and train.channels_last = false")
     _check(_is_int(r.clients_per_rank) and r.clients_per_rank >= 1,
            f"run.clients_per_rank must be an integer >= 1, got {r.clients_per_rank!r}")
     _check(_is_int(tr.clients_per_step) and tr.clients_per_step >= 0,
