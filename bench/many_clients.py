@@ -167,7 +167,7 @@ def markdown(rec: dict) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2,16,64,256", help="logical clients N (even: N/2 per client rank)")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--sample-sizes", default="2,16,64,256")
     ap.add_argument("--repeats", type=int, default=3)
@@ -175,10 +175,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sizes = [int(v) for v in args.sizes.split(",") if v]
     rec = {"command": common.command(), "machine": common.machine(), "args": vars(args), "runs": []}
+    head = subprocess.run(["git", "-C", common.REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    rec["machine"]["git_commit_head"] = head.stdout.strip()  # also in a git worktree (.git is a file there)
     tmp = tempfile.mkdtemp(prefix="cf-many-")
     try:
         for n in sizes:
-            for batched in (False, True):
+            for batched in (False, True) if n // 2 > 1 else (False,):  # one client per rank: nothing to batch
                 rec["runs"].append(launch(n, batched, args, tmp))
                 r = rec["runs"][-1]
                 print(f"  N={n} {'batched' if batched else 'loop'}: {r['client_images_per_s']:.0f} images/s, "
