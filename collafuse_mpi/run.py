@@ -339,7 +339,7 @@ OPTIONS = [  # (flag, config key, help)
     ("--partition", "data.partition", "iid or dirichlet."),
     ("--alpha", "data.alpha", "Dirichlet alpha for the non-IID partition."),
     ("--preset", "model.preset", "UNet size: tiny, small or base."),
-    ("--clients-per-rank", "run.clients_per_rank", "Logical clients per client rank: N ranks run (N-1)*M clients."),
+    ("--clients-per-rank", "run.clients_per_rank", "Logical clients M per client rank: a world of R ranks runs (R-1)*M clients."),
     ("--clients-per-step", "train.clients_per_step", "Cohort: logical clients drawn (seeded) to train each step; 0 = all."),
     ("--seed", "run.seed", "Run seed (the server and each logical client derive their own)."),
     ("--device", "run.device", "auto, cpu or cuda."),
