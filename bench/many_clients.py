@@ -141,15 +141,21 @@ def markdown(rec: dict) -> list[str]:
         c1, s = r["ranks"][1], r["ranks"][0]
         loop = runs.get((n, False))
         speed = (loop["ranks"][1]["step_s"]["p50"] / c1["step_s"]["p50"]) if batched and loop else ""
+        compute = lambda run: sum(run["ranks"][1]["phase_median_s"][p] for p in ("forward", "backward", "optimizer"))  # noqa: E731
+        speed_c = compute(loop) / compute(r) if batched and loop else ""
         rows.append([n, "batched" if batched else "loop", f"{r['client_images_per_s']:.0f}",
                      f"{c1['step_s']['p50'] * 1e3:.0f}", f"{s['step_s']['p50'] * 1e3:.0f}",
-                     f"{speed:.2f}" if speed != "" else "",
+                     f"{speed:.2f}" if speed != "" else "", f"{speed_c:.2f}" if speed_c != "" else "",
                      " / ".join(f"{r['ranks'][k]['peak_rss_mib']:.0f}" for k in (0, 1, 2)),
                      f"{r['server_sample_window_s']:.2f}", f"{r['wall_s']:.0f}"])
     md += [common.table(["clients N", "client models", "client images/s", "client step P50 ms",
-                         "server step P50 ms", "batched speedup (loop/batched step)",
+                         "server step P50 ms", "batched speedup: client step", "batched speedup: client compute",
                          "peak RSS MiB (server / client 1 / client 2)", "server sample window s", "wall s"], rows), ""]
-    md += ["Median seconds per step in each phase (steps after the warm-up):", ""]
+    md += ["Client images/s: the images of both client ranks over their mean summed step time (steps "
+           "after the warm-up). Batched speedup: loop over batched, of client rank 1's median step time, and "
+           "of its compute alone (median forward + backward + optimizer per step); the step also holds the "
+           "wait for the server's receive (train.max_in_flight).", "",
+           "Median milliseconds per step in each phase (steps after the warm-up):", ""]
     prow = []
     for (n, batched), r in sorted(runs.items()):
         c1, s = r["ranks"][1]["phase_median_s"], r["ranks"][0]["phase_median_s"]
@@ -165,6 +171,15 @@ def markdown(rec: dict) -> list[str]:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--render"]:  # the .md again from a recorded .json
+        import json
+        with open(os.path.join(common.RESULTS, argv[1] + ".json")) as fh:
+            rec = json.load(fh)
+        for r in rec["runs"]:
+            r["ranks"] = {int(k): v for k, v in r["ranks"].items()}
+        common.write(argv[1], rec, "\n".join(markdown(rec)))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2,16,64,256", help="logical clients N (even: N/2 per client rank)")
     ap.add_argument("--steps", type=int, default=5)
