@@ -64,7 +64,7 @@ def wrap(out_path: str, cli_args: list[str]):
     sampler.start()
     from collafuse_mpi.run import cli
     try:
-        cli.main(args=cli_args, prog_name="python -m collafuse_mpi.run", standalone_mode=False)
+        cli.main(args=cli_args, prog_name="python -m collafuse_mpi.run")  # its main() is never standalone
     finally:
         sampler.stop.set()
         sampler.join()

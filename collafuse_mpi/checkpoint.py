@@ -25,7 +25,7 @@ ORIGIN = "origin.json"  # the results file and run group the newest steps came f
 # every section counts, so a new section or field counts unless it is named here.
 NOT_IDENTITY_SECTIONS = {"sample", "run"}
 NOT_IDENTITY_FIELDS = {"train.steps", "train.warmup_steps"}
-IDENTITY_RUN_FIELDS = {"run.seed"}
+IDENTITY_RUN_FIELDS = {"run.seed", "run.clients_per_rank"}  # the latter decides which client a rank holds
 _STEP = re.compile(r"step(\d+)$")
 _bound = {}  # checkpoint folder -> the identity this process's run writes there
 

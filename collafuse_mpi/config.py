@@ -62,7 +62,8 @@ class DiffusionConfig:
     """Cut ratio c in [0, 1]: the client's share of the chain, k = round(c*T).
     c = 1 is purely local (server idle), c = 0 purely central."""
     client_cuts: list = field(default_factory=list)
-    """Per-client cut ratios (one per client) for heterogeneous cuts; empty means all use `cut`."""
+    """Per-client cut ratios (one per logical client, in logical-client order) for heterogeneous
+    cuts; empty means all use `cut`."""
     sampler: str = "ddim"
     """Sampler: ddpm (every step) or ddim (eta = 0, `sample_steps` steps; the cut is always one)."""
     sample_steps: int = 20
@@ -110,6 +111,13 @@ class TrainConfig:
     """Training forward pass under torch.autocast: off, or bf16 (the loss stays float32)."""
     channels_last: bool = False
     """Keep models and training inputs in channels_last memory format."""
+    batched_clients: bool = False
+    """Train a rank's logical clients as one batched computation (their stacked weights under
+    torch.func.vmap) instead of one after another; equal to the loop to float tolerance. Needs
+    model.dropout = 0, train.autocast = off and train.channels_last = false."""
+    clients_per_step: int = 0
+    """Cohort size: logical clients that take part in each step, drawn from the run seed and the
+    step (the same draw on every rank); 0 = all. Clients outside the cohort skip the step."""
 
 
 @dataclass
@@ -123,6 +131,9 @@ class SampleConfig:
     eta: float = 0.0
     """DDIM stochasticity in [0, 1]: 0 is deterministic (the final sample is a function of the
     x_k the server sent), 1 has DDPM's posterior variance. Ignored by ddpm."""
+    fused: bool = True
+    """The server answers every client's sample request in one batched chain (all chains start at
+    T, each leaves at its own k + 1); false: one client after another (the reference)."""
 
 
 @dataclass
@@ -160,7 +171,10 @@ class PrivacyConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
-    """Run seed; every rank derives its own seed from it."""
+    """Run seed; the server and every logical client derive their own seeds from it."""
+    clients_per_rank: int = 1
+    """Logical clients each client rank hosts, each with its own data partition, model, optimiser,
+    random streams and cut: a world of R ranks runs (R - 1) * clients_per_rank clients."""
     device: str = "auto"
     """cpu, cuda, or auto (local rank -> GPU when GPUs exist, else CPU)."""
     output: str = "results.h5"
@@ -220,8 +234,12 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def n_clients(self, world_size: int) -> int:
+        """Logical clients of a world of `world_size` ranks (rank 0 is the server)."""
+        return (world_size - 1) * self.run.clients_per_rank
+
     def cut_steps(self, n_clients: int) -> list[int]:
-        """k for each client (index 0 = client rank 1)."""
+        """k for each logical client (index 0 = the first client of rank 1)."""
         cuts = self.diffusion.client_cuts or [self.diffusion.cut] * n_clients
         return [cut_to_k(c, self.diffusion.timesteps) for c in cuts]
 
@@ -435,6 +453,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(r.timing in TIMING_MODES, f"run.timing must be one of {', '.join(TIMING_MODES)}")
     _check(r.cuda_aware in TRISTATE, f"run.cuda_aware must be one of {', '.join(TRISTATE)}")
     _check(_is_int(r.torch_threads) and r.torch_threads >= 1, "run.torch_threads must be >= 1")
+    _check(not (tr.batched_clients is True and (m.dropout != 0 or tr.autocast != "off" or tr.channels_last)),
+           "train.batched_clients needs model.dropout = 0, train.autocast = off and train.channels_last = false")
+    _check(_is_int(r.clients_per_rank) and r.clients_per_rank >= 1,
+           f"run.clients_per_rank must be an integer >= 1, got {r.clients_per_rank!r}")
+    _check(_is_int(tr.clients_per_step) and tr.clients_per_step >= 0,
+           f"train.clients_per_step must be an integer >= 0 (0 = all clients), got {tr.clients_per_step!r}")
     _check(_is_int(r.flush_every) and r.flush_every >= 0, "run.flush_every must be >= 0")
     _check(_is_int(r.checkpoint_every) and r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0")
     _check(_is_int(r.stop_check_every) and r.stop_check_every >= 1, "run.stop_check_every must be an integer >= 1")
@@ -449,9 +473,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None:
         _check(world_size >= 2, f"need at least 2 ranks (1 server + 1 client), got {world_size}; "
                "launch with mpirun -n 3 or more")
-        n_clients = world_size - 1
+        per_rank = r.clients_per_rank if _is_int(r.clients_per_rank) and r.clients_per_rank >= 1 else 1
+        n_clients = (world_size - 1) * per_rank  # a bad clients_per_rank has its own message
         _check(not d.client_cuts or len(d.client_cuts) == n_clients,
                f"{len(d.client_cuts)} client cuts given for {n_clients} clients")
+        _check(not _is_int(tr.clients_per_step) or tr.clients_per_step <= n_clients,
+               f"train.clients_per_step {tr.clients_per_step} is more than the {n_clients} clients of the run "
+               f"({world_size - 1} client ranks x run.clients_per_rank {r.clients_per_rank})")
     if problems:
         raise ConfigError(problems)
 

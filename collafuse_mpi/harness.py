@@ -29,6 +29,7 @@ class PhaseTimer:
         self.rows, self.steps, self.warmup, self.t_start, self.t_end = [], [], [], [], []
         self.losses, self.energy, self.energy_short, self.images = [], [], [], []
         self.cpu_rows, self.flop_rows = [], []
+        self.client_losses = []  # a rank hosting logical clients: each one's loss per step
         self.flops_total = 0  # every FLOP counted, in steps or not: windows take differences
         self.events = []  # (step, phase index, start, end) on the aligned clock
         self.windows = {}
@@ -68,7 +69,7 @@ class PhaseTimer:
                 if len(self.steps) <= self.keep_events:
                     self.events.append((self.steps[-1], i, t0, t1))
 
-    def end_step(self, loss: float = float("nan"), images: int = 0):
+    def end_step(self, loss: float = float("nan"), images: int = 0, client_losses=None):
         if self.sync:
             self.sync()
         self.t_end.append(self.now())
@@ -82,6 +83,8 @@ class PhaseTimer:
         self.flop_rows.append(self._flops)
         self.losses.append(loss)
         self.images.append(images)
+        if client_losses is not None:
+            self.client_losses.append(list(client_losses))
         self._row = self._cpu = self._flops = None
 
     def add_flops(self, name: str, flops: int):
@@ -116,7 +119,7 @@ class PhaseTimer:
 
     def arrays(self) -> dict:
         n = len(self.rows)
-        return {
+        out = {
             "step": np.asarray(self.steps[:n], dtype=np.int64),
             "warmup": np.asarray(self.warmup[:n], dtype=bool),
             "phase_seconds": np.asarray(self.rows, dtype=np.float64).reshape(n, len(PHASES)),
@@ -130,3 +133,6 @@ class PhaseTimer:
             "images": np.asarray(self.images, dtype=np.int64),
             "events": np.asarray(self.events, dtype=np.float64).reshape(-1, 4),
         }
+        if self.client_losses:
+            out["client_loss"] = np.asarray(self.client_losses[:n], dtype=np.float64)
+        return out

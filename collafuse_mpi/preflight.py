@@ -62,11 +62,14 @@ def available_bytes(device: str, ranks_here: int) -> tuple[int, str]:
 
 def memory_problem(cfg, world_size: int, ranks_here: int, n_images: int) -> str:
     """Why the run cannot fit in memory ('' when it can, or when memory cannot be read)."""
-    n_clients = world_size - 1
+    n_clients, per_rank = cfg.n_clients(world_size), cfg.run.clients_per_rank
     ks = cfg.cut_steps(n_clients)
     senders = sum(k < cfg.diffusion.timesteps for k in ks)
+    if cfg.train.clients_per_step:
+        senders = min(senders, cfg.train.clients_per_step)
     per_client = -(-n_images // n_clients)
-    need = {"a client": rank_bytes(cfg, cfg.train.batch_size, per_client, False)}
+    # a rank's logical clients train one after another: one batch of activations, every client's data
+    need = {"a client": rank_bytes(cfg, cfg.train.batch_size, per_client * per_rank, False)}
     if senders:
         need["the server"] = rank_bytes(cfg, cfg.train.batch_size * senders, 0, True)
     who, most = max(need.items(), key=lambda kv: kv[1])

@@ -40,10 +40,12 @@ def versions(tp) -> dict:
 
 def begin(cfg, tp, ks, resume_step: int = 0, placement=()):
     writer = ResultsWriter(cfg.run.output, cfg.run.if_exists)
-    name = cfg.run.run_name or f"cut{cfg.diffusion.cut:g}-n{tp.size - 1}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    n_clients = cfg.n_clients(tp.size)
+    name = cfg.run.run_name or f"cut{cfg.diffusion.cut:g}-n{n_clients}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     placement = list(placement)
     meta = {"start_time": _now(), "versions": versions(tp), "git_commit": _git_commit(),
-            "world_size": tp.size, "n_clients": tp.size - 1, "cut_k": list(ks),
+            "world_size": tp.size, "n_clients": n_clients, "client_ranks": tp.size - 1,
+            "clients_per_rank": cfg.run.clients_per_rank, "cut_k": list(ks),
             "timesteps": cfg.diffusion.timesteps, "cut": cfg.diffusion.cut,
             "cuda_aware": bool(tp.cuda_aware), "cuda_aware_detected": bool(tp.cuda_aware_detected),
             "timing_mode": cfg.run.timing, "resumed_from_step": resume_step, "phases": list(PHASES),
@@ -125,7 +127,7 @@ def write_ranks(writer, name, everyone):
                  "energy_reason": r.get("energy_reason", ""),
                  "energy_owner": bool(o), "transport_path": r["path"],
                  "device_info": r.get("device_info", {}), "n_train": r.get("n_train", 0),
-                 "n_heldout": r.get("n_heldout", 0)}
+                 "n_heldout": r.get("n_heldout", 0), "clients": sorted(r.get("clients", {}))}
         arrays = dict(r["arrays"])
         arrays["windows"] = r["windows"]
         arrays["comm"] = _comm_table(r["comm"])
@@ -137,7 +139,9 @@ def write_ranks(writer, name, everyone):
 def finish(writer, name, everyone, cfg, pooled: dict):
     write_ranks(writer, name, everyone)
     from .privacy import pool, summary_line
-    metrics = {f"client_{r['rank'] - 1}": r["metrics"] for r in everyone if r["role"] == "client"}
+    clients = sorted((i, c) for r in everyone for i, c in r.get("clients", {}).items())
+    metrics = {f"client_{i}": dict(c["metrics"], bytes=c.get("bytes", {}), k=c["k"], n_train=c["n_train"],
+                                   n_heldout=c["n_heldout"]) for i, c in clients}
     if pooled:
         metrics["pooled"] = {"kid": pooled}
     attacked = {i: m["privacy"] for i, m in metrics.items() if "privacy" in m}
@@ -149,8 +153,7 @@ def finish(writer, name, everyone, cfg, pooled: dict):
         metrics.setdefault("pooled", {})["privacy"] = privacy
         headline = {f"disclosure_{k}": v for k, v in privacy.get("headline", {}).items()}
     writer.write_group(name, "metrics", metrics)
-    writer.write_group(name, "samples", {f"client_{r['rank'] - 1}": r["samples"]
-                                         for r in everyone if r["role"] == "client"})
+    writer.write_group(name, "samples", {f"client_{i}": c["samples"] for i, c in clients})
     writer.update_run(name, status="complete", end_time=_now(), **headline,
                       hosts=[r["host"] for r in everyone],
                       rank_device_map=[r["device"] for r in everyone])

@@ -33,8 +33,8 @@ def verify(cfg, world_size: int | None) -> None:
     cfgmod.validate(cfg, world_size)
     from .data import private_count
     n = private_count(cfg)  # what is left for the clients after the public carve
-    if world_size is not None and n < 2 * (world_size - 1):
-        raise ConfigError(f"{n} images cannot be split over {world_size - 1} clients "
+    if world_size is not None and n < 2 * cfg.n_clients(world_size):
+        raise ConfigError(f"{n} images cannot be split over {cfg.n_clients(world_size)} clients "
                           "(each needs at least one training and one held-out image)")
     from . import checkpoint
     bad = checkpoint.problem(cfg, world_size, cfg.run.resume, overwrite=cfg.run.if_exists == "overwrite")
@@ -113,8 +113,7 @@ def execute(cfg, tp, progress: bool = False) -> dict:
     placement = tp.gather_obj(machine.rank_info(tp.local_rank), what="in the gather of where each rank runs")
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0
     torch.set_num_threads(cfg.run.torch_threads)
-    n_clients = tp.size - 1
-    ks = cfg.cut_steps(n_clients)
+    ks = cfg.cut_steps(cfg.n_clients(tp.size))
     device = pick_device(cfg.run.device, tp.local_rank)
     gpu = energy.gpu_of(device.index, _torch_uuid(device)) if device.type == "cuda" else None
     meter = energy.open_meter(gpu)
@@ -141,7 +140,8 @@ def _train_and_finish(cfg, tp, ks, device, gpu, meter, timer, writer, run_name, 
     mine = {"rank": tp.rank, "host": socket.gethostname(), "device": str(device),
             "energy_source": meter.source, "energy_device": meter.device_key, "energy_reason": meter.reason,
             "path": tp.path(device), "metrics": {}, "samples": {},
-            "role": "server" if tp.rank == 0 else "client", "k": ks[tp.rank - 1] if tp.rank else -1}
+            "role": "server" if tp.rank == 0 else "client",
+            "k": ks[(tp.rank - 1) * cfg.run.clients_per_rank] if tp.rank else -1}
     if meter.reason and tp.rank == 0:
         _log(tp.rank, f"energy: {meter.source} ({meter.reason})")
     if device.type == "cuda":
@@ -176,7 +176,8 @@ def _train_and_finish(cfg, tp, ks, device, gpu, meter, timer, writer, run_name, 
         from .evaluate import pooled_kid
         from .report import finish
         with timer.window("metrics"):
-            pooled = pooled_kid([r["features"] for r in everyone if "features" in r], cfg.run.seed)
+            pooled = pooled_kid([c["features"] for r in everyone for _, c in sorted(r.get("clients", {}).items())
+                                 if "features" in c], cfg.run.seed)
         everyone[0]["windows"] = timer.windows
         finish(writer, run_name, everyone, cfg, pooled)
         from .checkpoint import mark_complete
@@ -234,7 +235,7 @@ def _save(cfg, tp, name: str, obj, timer, run_name: str):
 def find_resume_step(cfg, tp) -> int:
     """Rank 0 picks the newest checkpoint every rank completed; all ranks learn it."""
     from . import checkpoint
-    ks = cfg.cut_steps(tp.size - 1)
+    ks = cfg.cut_steps(cfg.n_clients(tp.size))
     server_trains = any(k < cfg.diffusion.timesteps for k in ks)  # else rank 0 has nothing to save
     ranks = [r for r in range(tp.size) if r > 0 or server_trains]
     step = checkpoint.latest_complete(cfg, ranks) if tp.rank == 0 else None
@@ -248,7 +249,7 @@ def find_resume_step(cfg, tp) -> int:
 
 
 def _restore(cfg, tp, role, step: int):
-    if step and (tp.rank > 0 or role.learner is not None):
+    if step and role.learner is not None:
         from . import checkpoint
         role.load_state_dict(checkpoint.load(cfg, tp.rank, step), step)
 
@@ -259,8 +260,10 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step, stop)
     server = Server(cfg, tp, ks, device, timer)
     server.stop = stop
     _restore(cfg, tp, server, resume_step)
+    per_step = cfg.train.clients_per_step
     bar = Progress(cfg.train.steps, progress and bool(server.senders),
-                   cfg.train.batch_size * len(server.senders), cfg.run.progress_every)
+                   cfg.train.batch_size * (min(per_step, len(server.senders)) if per_step else len(server.senders)),
+                   cfg.run.progress_every)
 
     def on_step(step, loss):
         bar.update(step, loss)
@@ -284,36 +287,14 @@ def _server_role(cfg, tp, ks, device, timer, progress, flush, resume_step, stop)
 
 
 def _client_role(cfg, tp, ks, device, timer, mine, flush, resume_step, stop):
-    from .client import Client
-    from .data import client_data
-    from .evaluate import client_features, evaluate_client
-    index = tp.rank - 1
-    with timer.window("data_load"):
-        data = client_data(cfg, index, tp.size - 1)
-    client = Client(cfg, tp, index, ks[index], device, timer, data)
-    client.stop = stop
-    _restore(cfg, tp, client, resume_step)
-    with timer.window("train"):
-        client.train(on_step=flush)
-    with timer.window("sample"):
-        final, view = client.sample()
-    with timer.window("metrics"), timer.loose("metrics"):
-        mine["metrics"] = evaluate_client(client, final, view)
-        if cfg.run.pooled_kid:
-            mine["features"] = client_features(client, final)
-    from .privacy import phase
-    names = phase.active(cfg, ks)
-    if names:
-        with timer.window("privacy"):
-            result = phase.client_side(cfg, tp, client, final, names)
-        if result is not None:
-            mine["metrics"]["privacy"] = result
-    mine["samples"] = client.sample_arrays(final, view)
-    mine["n_train"], mine["n_heldout"] = len(data.train), len(data.heldout)
-    state = {"samples": final.cpu(), "k": client.k}
-    if client.learner is not None:
-        state["ema"] = client.learner.ema.model.state_dict()
-    _save(cfg, tp, f"client{index}", state, timer, flush.run_name)
+    from .clients import client_role
+    sampled, clients = client_role(cfg, tp, ks, device, timer, mine, flush, resume_step, stop)
+    for c in clients:
+        final = sampled[c.index][0]
+        state = {"samples": final.cpu(), "k": c.k}
+        if c.learner is not None:
+            state["ema"] = c.learner.ema.model.state_dict()
+        _save(cfg, tp, f"client{c.index}", state, timer, flush.run_name)
 
 
 def run_loopback(cfg, n_clients: int) -> list[dict]:
@@ -358,7 +339,9 @@ OPTIONS = [  # (flag, config key, help)
     ("--partition", "data.partition", "iid or dirichlet."),
     ("--alpha", "data.alpha", "Dirichlet alpha for the non-IID partition."),
     ("--preset", "model.preset", "UNet size: tiny, small or base."),
-    ("--seed", "run.seed", "Run seed (each rank derives its own)."),
+    ("--clients-per-rank", "run.clients_per_rank", "Logical clients M per client rank: a world of R ranks runs (R-1)*M clients."),
+    ("--clients-per-step", "train.clients_per_step", "Cohort: logical clients drawn (seeded) to train each step; 0 = all."),
+    ("--seed", "run.seed", "Run seed (the server and each logical client derive their own)."),
     ("--device", "run.device", "auto, cpu or cuda."),
     ("--output", "run.output", "HDF5 results file."),
     ("--run-name", "run.run_name", "Name of the run group in the results file."),
@@ -415,7 +398,9 @@ def submit_check(cfg, ranks: int | None) -> None:
         print(f"collafuse_mpi: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     where = "no rank count given (--ranks): per-client checks skipped" if ranks is None else \
-        f"{ranks} ranks: 1 server + {ranks - 1} clients, k = {cfg.cut_steps(ranks - 1)} of T = {cfg.diffusion.timesteps}"
+        f"{ranks} ranks: 1 server + {cfg.n_clients(ranks)} clients" + \
+        (f" ({cfg.run.clients_per_rank} on each of {ranks - 1} ranks)" if cfg.run.clients_per_rank > 1 else "") + \
+        f", k = {cfg.cut_steps(cfg.n_clients(ranks))} of T = {cfg.diffusion.timesteps}"
     print(f"check: OK ({where})")
     mode = "new file" if not os.path.exists(cfg.run.output) else f"exists, run.if_exists = {cfg.run.if_exists}"
     print(f"results: {os.path.abspath(cfg.run.output)} ({mode})")
@@ -463,8 +448,8 @@ class _Command(click.Command):
 def cli(config_path, if_exists, overrides, quiet, resume, check_only, ranks, help_config, **values):
     """Train and sample a CollaFuse split diffusion model over MPI.
 
-    Rank 0 is the server (t = k+1..T), ranks 1..N are clients (t = 1..k), with
-    k = round(cut * T). Launch with, for example:
+    Rank 0 is the server (t = k+1..T), ranks 1..N host the clients (t = 1..k), M each
+    (--clients-per-rank), with k = round(cut * T). Launch with, for example:
 
         mpirun -n 3 python -m collafuse_mpi.run --cut 0.4
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import comm, schedule
+from .clients import cohort, rank_of
 from .model import UNet
 from .training import Learner, after_step, check_loss, derive_seed, fault_point, generator, seeded, unpack_train
 
@@ -17,7 +18,8 @@ class Server:
         self.cfg, self.tp, self.ks, self.device, self.timer = cfg, transport, ks, device, timer
         self.T = cfg.diffusion.timesteps
         self.sched = schedule.Schedule(self.T, cfg.diffusion.schedule)
-        self.senders = [i for i, k in enumerate(ks) if k < self.T]  # clients with a server part
+        self.senders = [i for i, k in enumerate(ks) if k < self.T]  # logical clients with a server part
+        self.per_rank = cfg.run.clients_per_rank
         c, s = cfg.data.channels, cfg.data.image_size
         self.image_shape = (c, s, s)
         self.learner = None
@@ -60,23 +62,36 @@ class Server:
             land = self._landings[(start, n)] = comm.Landing(self._fused[start:start + n])
         return land
 
+    def step_senders(self, step: int) -> list[int]:
+        """The sending clients of this step's cohort, in logical-id order."""
+        chosen = set(cohort(self.cfg.run.seed, step, len(self.ks), self.cfg.train.clients_per_step))
+        return [i for i in self.senders if i in chosen]
+
     def receive_step(self, step: int):
-        """One batch from each sending client, received by MPI straight into its rows of one
-        fused batch, in client order (deterministic)."""
-        counts, ks = [], []
-        for i in self.senders:
+        """One batch from each sending client of the step's cohort, received by MPI straight into
+        its rows of one fused batch, in logical-client order (deterministic: a rank's clients send
+        in that order, and MPI keeps the order of one source's messages of one tag).
+        None when no client of the cohort sends."""
+        counts, ks, senders = [], [], self.step_senders(step)
+        if not senders:
+            return None
+        for i in senders:
+            src = rank_of(i, self.per_rank)
             with self.timer.phase("wait"):
-                self.tp.probe(i + 1, comm.TRAIN)
+                self.tp.probe(src, comm.TRAIN)
             with self.timer.phase("recv"):
                 start = sum(counts)
-                info, _ = self.tp.recv(i + 1, comm.TRAIN, self.device, into=lambda info: self._rows(start, info))
+                info, _ = self.tp.recv(src, comm.TRAIN, self.device, into=lambda info: self._rows(start, info))
+            if info["client"] != i:  # a protocol break, never a silent mix-up of clients' rows
+                raise RuntimeError(f"rank 0: expected client {i}'s batch of step {step} from rank {src}, "
+                                   f"got client {info['client']}'s of step {info['step']}")
             counts.append(info["shape"][0])
             ks.append(info["meta"])
         fused = self._fused[:sum(counts)]
         x_t, eps_s, t = unpack_train(fused, self.image_shape)  # views of the fused rows
         with self.timer.phase("metrics"):  # keep what arrived: the attack suite runs on it later
             start = 0
-            for i, n, k_i in zip(self.senders, counts, ks):
+            for i, n, k_i in zip(senders, counts, ks):
                 rows = slice(start, start + n)
                 self.views.add(i, step, x_t[rows], t[rows].cpu(), k_i, eps_s[rows])
                 start += n
@@ -92,34 +107,47 @@ class Server:
         for step in range(self.start_step, self.cfg.train.steps):
             timer.start_step(step, step < self.cfg.train.warmup_steps)
             fault_point(0, step)
-            x_t, t, k, eps_s = self.receive_step(step)
-            loss = float(self.learner.step(timer, eps_s, x_t, t, k))
-            check_loss(0, step, loss)
-            timer.end_step(loss, x_t.shape[0])
+            fused = self.receive_step(step)
+            if fused is None:  # no sender in this step's cohort: nothing to train on
+                timer.end_step(float("nan"), 0)
+            else:
+                x_t, t, k, eps_s = fused
+                loss = float(self.learner.step(timer, eps_s, x_t, t, k))
+                check_loss(0, step, loss)
+                timer.end_step(loss, x_t.shape[0])
             after_step(self.cfg, 0, step, timer, self.state_dict, self.stop)  # before the collective flush
             if on_step:
                 on_step(step, loss)
 
     @torch.no_grad()
     def serve_samples(self):
-        """Answer each sending client's request: run T..k+1 and send x_k back."""
+        """Answer every sending client's request with the x_k of its chain T..k+1: all chains in
+        one batched chain (sample.fused), or one client after another."""
+        from .fused_sampling import Request, run_fused, run_serial
         d = self.cfg.diffusion
         model = self.learner.ema.model if self.learner else None
-        for i in self.senders:
+        requests, handles = [], []
+        for i in self.senders:  # a rank sends its clients' requests in logical-id order
+            src = rank_of(i, self.per_rank)
             with self.timer.phase("wait"):
-                self.tp.probe(i + 1, comm.SAMPLE_REQUEST)
+                self.tp.probe(src, comm.SAMPLE_REQUEST)
             with self.timer.phase("recv"):
-                info, req = self.tp.recv(i + 1, comm.SAMPLE_REQUEST)
+                info, req = self.tp.recv(src, comm.SAMPLE_REQUEST)
             k, n = info["meta"], int(req[0])
-            gen = generator(derive_seed(self.cfg.run.seed, 0, "sample", i))
-            x = torch.randn((n, *self.image_shape), generator=gen).to(self.device)
-            kk = torch.full((n,), k, dtype=torch.long, device=self.device)
-            pairs = schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")
-            self.timer.add_flops("sample", len(pairs) * self.learner.flops(x, kk, kk))
-            with self.timer.phase("sample"):
-                x = schedule.run_chain(self.sched, lambda x, t: model(x, t, kk), x, k, pairs,
-                                       d.sampler, gen, clip=schedule.anchor_bound(self.sched, k),
-                                       eta=self.cfg.sample.eta)
-            with self.timer.phase("send"):
-                self.tp.send(i + 1, comm.CUT, i, -1, x.contiguous(), meta=k)
-            self.sample_views[i] = x.float().cpu()
+            gen = generator(derive_seed(self.cfg.run.seed, 0, "sample", info["client"]))
+            requests.append(Request(info["client"], k, n, gen,
+                                    schedule.side_steps(self.T, k, d.sampler, d.sample_steps, "server")))
+            if not self.cfg.sample.fused:  # the reference: each request answered before the next is read
+                run_serial(self, model, requests[-1:], handles)
+        if self.cfg.sample.fused:
+            run_fused(self, model, requests, handles)
+        with self.timer.phase("wait"):
+            for h in handles:
+                h.wait()
+
+    def answer(self, req, x, handles) -> None:
+        """Send client `req.client` its x_k now, without waiting for the send to complete."""
+        with self.timer.phase("send"):
+            handles.append(self.tp.isend(rank_of(req.client, self.per_rank), comm.CUT, req.client, -1,
+                                         x.contiguous(), meta=req.k))
+        self.sample_views[req.client] = x.float().cpu()

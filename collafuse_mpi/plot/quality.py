@@ -12,6 +12,8 @@ from .runs import Ctx, Missing, Run, _count, _finite, _num, _summarize
 from .style import _jitter, cut_axis, empty_message, footnote, new_figure
 from .trends import mean_ci
 
+MANY = 8  # above this many clients in a run, figures show distributions, not each client
+
 
 # ----------------------------------------------------------------------------- KID
 
@@ -100,7 +102,15 @@ def fig_kid(ctx: Ctx):
         for j, n in enumerate(ns):
             off = _jitter(j, len(ns), 0.03)  # each client count a little apart on the cut axis
             sel = [it for it in items if it["n"] == n]
-            if sel:
+            if sel and n > MANY:  # one bar per cut: median and 10-90 % of the clients, not n points
+                by_x = {}
+                for it in sel:
+                    by_x.setdefault(round(it["x"], 6), []).append(it["mean"])
+                xs = np.array(sorted(by_x)) + off
+                q = np.array([np.quantile(by_x[x], [0.1, 0.5, 0.9]) for x in sorted(by_x)])
+                ax.errorbar(xs, q[:, 1], yerr=[q[:, 1] - q[:, 0], q[:, 2] - q[:, 1]], fmt="s", ms=5,
+                            color=colors[n], alpha=0.6, capsize=4, lw=2.2)
+            elif sel:
                 xs = np.array([it["x"] + off + _jitter(it["client"], n, 0.006) for it in sel])
                 ys = np.array([it["mean"] for it in sel])
                 es = np.array([it["std"] for it in sel])
@@ -123,9 +133,14 @@ def fig_kid(ctx: Ctx):
                     ax.fill_between(cx + off + 0.01, cm - np.nan_to_num(ci), cm + np.nan_to_num(ci),
                                     color=colors[n], alpha=0.15, lw=0)
         styles = []
+        if any(it["n"] <= MANY for it in items):
+            styles.append(Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none",
+                                 label="each client (\u00b1 KID std over subsets)"))
+        if any(it["n"] > MANY for it in items):
+            styles.append(Line2D([], [], color="0.3", marker="s", ms=5, alpha=0.6, lw=2.2,
+                                 label=f"runs of > {MANY} clients: median client,\nbar 10-90 % of clients"))
         if items:
-            styles += [Line2D([], [], color="0.3", marker="o", ms=4, alpha=0.6, linestyle="none",
-                              label="each client (\u00b1 KID std over subsets)"),
+            styles += [
                        Line2D([], [], color="0.3", marker="D", ms=6, linestyle="-",
                               label="mean over clients (\u00b1 std over clients)")]
         if pooled:
@@ -205,6 +220,8 @@ def sample_panels(run: Run) -> tuple[list, list, dict]:
     cells[(client, kind)] is a uint8 [S, C, H, W] array or the text shown in an empty cell. Kinds are the
     columns of SAMPLE_KINDS that any client stores: `real` only when the run stored it (run.store_real)."""
     clients = [i for i in range(run.n_clients) if run.samples(i)]
+    if len(clients) > MANY:  # a row per client does not fit: MANY clients spread over the ids
+        clients = [clients[j] for j in sorted({round(v) for v in np.linspace(0, len(clients) - 1, MANY)})]
     kinds = [(k, t) for k, t in SAMPLE_KINDS if any(k in run.samples(i) for i in clients)]
     cells = {}
     for i in clients:
@@ -244,10 +261,14 @@ def fig_samples(ctx: Ctx):
                 if i == clients[0]:
                     ax.set_title(title, fontsize=9)
             k_i = run.ks[i] if i < len(run.ks) else "?"
-            row[0].set_ylabel(f"client {i} (rank {i + 1})\nk = {k_i}", fontsize=9)
+            row[0].set_ylabel(f"client {i} (rank {run.rank_of(i)})\nk = {k_i}", fontsize=9)
         sub = run.name + (f", latest of {count} runs" if count > 1 else "")
         fig.suptitle(f"Samples \u2014 {run.label}\n({sub})", fontsize=10)
         fn = []
+        stored = sum(1 for i in range(run.n_clients) if run.samples(i))
+        if stored > len(clients):
+            fn.append(f"Rows: {len(clients)} of the run's {stored} clients with samples, spread evenly over "
+                      "the client ids (every client's samples are in the results file).")
         if any(k == "real" for k, _ in kinds):
             fn.append("Real: the first images of each client's own held-out set, in the results file only because "
                       "the run was started with run.store_real=true. They are client data: share this figure "

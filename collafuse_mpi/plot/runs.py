@@ -47,6 +47,15 @@ class Run:
         return int(n) if _finite(n) else max(len(self.ranks) - 1, 0)
 
     @property
+    def clients_per_rank(self) -> int:
+        """Logical clients per client rank (1 in files from before logical clients)."""
+        m = self.d.get("clients_per_rank")
+        return int(m) if _finite(m) and m >= 1 else 1
+
+    def rank_of(self, client: int) -> int:
+        return client // self.clients_per_rank + 1
+
+    @property
     def timesteps(self) -> int:
         return int(self.d.get("timesteps") or self.config.get("diffusion", {}).get("timesteps", 0))
 
