@@ -5,6 +5,7 @@ The contracts: B/A is the ratio of medians over steps (one run per side) or of m
 the threshold, outside the CI and significant; the export's rows are exactly the file's numbers;
 none of it imports torch.
 """
+import copy
 import csv
 import json
 import os
@@ -158,6 +159,14 @@ def test_trends_mean_ci_and_compute_share(files):
     data, features = trends.trend_data(Ctx(runs))
     (cut, mean, half, k), = data[2]["flops share"]
     assert cut == 0.4 and k == len(SEEDS) and features == "digits-classifier"
+    # runs with another cut-noise mode are their own series, never averaged with fresh ones
+    other = copy.deepcopy(runs[0].d)
+    cfg = json.loads(other["config"]) if isinstance(other["config"], str) else other["config"]
+    cfg["privacy"]["cut_noise"] = "per_image"
+    other["config"] = cfg
+    mixed = [*runs[1:], type(run)(run.path, "per-image copy", other)]
+    data, _ = trends.trend_data(Ctx(mixed))
+    assert data[2]["flops share"][0][3] == len(SEEDS) - 1 and data[(2, "per_image")]["flops share"][0][3] == 1
 
 
 def test_no_torch_in_compare_and_export(files, tmp_path):

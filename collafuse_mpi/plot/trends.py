@@ -80,21 +80,37 @@ def trend_values(run: Run, features: str) -> dict:
             "energy share": client_share(run, "energy_j")}
 
 
+def _cut_noise(run: Run) -> str:
+    return str(run.config.get("privacy", {}).get("cut_noise", "fresh"))
+
+
 def trend_data(ctx: Ctx) -> tuple[dict, str]:
-    """{n clients: {metric: [(cut, mean, ci, n runs)]}} over homogeneous configurations, and the KID
-    feature set shown (the most common pooled one: KIDs of different sets are never averaged)."""
+    """{series: {metric: [(cut, mean, ci, n runs)]}} over homogeneous configurations, and the KID
+    feature set shown (the most common pooled one: KIDs of different sets are never averaged).
+    A series is the number of clients n, or (n, cut noise) for runs with privacy.cut_noise other
+    than fresh: the two modes disclose differently and are never averaged together."""
     feats = [r.pooled_kid.get("features") for r in ctx.runs if r.pooled_kid is not None]
     features = max(set(feats), key=feats.count) if feats else ""
     out = {}
-    for (cut, n), runs in ctx.groups.items():
+    for (cut, n), group in ctx.groups.items():
         if isinstance(cut, tuple):
             continue
-        vals = [trend_values(r, features) for r in runs if r.d.get("status") == "complete" or len(runs) == 1]
-        for metric in (vals[0] if vals else {}):
-            m, ci, k = mean_ci([v[metric] for v in vals])
-            if k:
-                out.setdefault(n, {}).setdefault(metric, []).append((cut, m, ci, k))
+        by_mode = {}
+        for r in group:
+            by_mode.setdefault(_cut_noise(r), []).append(r)
+        for mode, runs in by_mode.items():
+            series = n if mode == "fresh" else (n, mode)
+            vals = [trend_values(r, features) for r in runs if r.d.get("status") == "complete" or len(runs) == 1]
+            for metric in (vals[0] if vals else {}):
+                m, ci, k = mean_ci([v[metric] for v in vals])
+                if k:
+                    out.setdefault(series, {}).setdefault(metric, []).append((cut, m, ci, k))
     return out, features
+
+
+def _series_key(item):
+    series = item[0]
+    return (series, "") if isinstance(series, int) else series
 
 
 PANELS = (("kid", "pooled KID ({features})"), ("disclosure", "disclosure: PSNR of the strongest attack, dB"),
@@ -114,14 +130,16 @@ def fig_trends(ctx: Ctx):
     seeds = sorted({k for d in data.values() for series in d.values() for *_, k in series})
     for ax, (metric, title) in zip(axes, PANELS):
         drawn = False
-        for n, d in sorted(data.items()):
+        for key, d in sorted(data.items(), key=_series_key):
+            n, mode = (key, "") if isinstance(key, int) else key
             series = d.get(metric, [])
             if not series:
                 continue
             c, m, ci, k = (np.array(v, dtype=float) for v in zip(*series))
-            ax.errorbar(c, m, yerr=np.nan_to_num(ci), fmt="-o", ms=5, capsize=4, color=colors.get(n, "C0"),
-                        label=f"{n} client{'s' if n != 1 else ''}, {int(k.min())}-{int(k.max())} runs"
-                        if k.min() != k.max() else f"{n} client{'s' if n != 1 else ''}, {int(k.min())} run(s)")
+            runs = f"{int(k.min())}-{int(k.max())} runs" if k.min() != k.max() else f"{int(k.min())} run(s)"
+            ax.errorbar(c, m, yerr=np.nan_to_num(ci), fmt="--s" if mode else "-o", ms=5, capsize=4,
+                        color=colors.get(n, "C0"), mfc="white" if mode else None,
+                        label=f"{n} client{'s' if n != 1 else ''}{', cut noise ' + mode if mode else ''}, {runs}")
             drawn = True
         cut_axis(ax)
         ax.set_title(title.format(features=features or "none"), fontsize=9)
