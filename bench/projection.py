@@ -21,7 +21,8 @@ are projected (the model, sizes and batch are taken from the files' config).
 What is derived, per results run (warm-up steps excluded, medians over steps):
     server compute/step = step - wait - recv - io   (unpack, concat, forward, backward, optimizer)
     server recv/client  = recv phase / clients      (host cost of taking one message off MPI)
-    client own step     = step - wait - io          (what a client needs when it never waits)
+    client own step     = step - wait - io          (what a client needs when it never waits;
+                          over M for a rank hosting M logical clients, run.clients_per_rank, loop runs only)
     message bytes       = train_batch bytes sent / messages, from a client's comm table
                           (= B*(2*C*H*W+1)*4 payload + 96 header bytes, sent as 2 MPI messages)
 and the server compute is fitted as a + b * n_images (least squares over the runs' medians, or
@@ -114,14 +115,19 @@ def analyse_run(name: str, run: dict, path: str) -> dict:
               "recv_per_client_s": float(np.median(ps[:, P["recv"]])) / max(senders, 1),
               "device": str(ranks[0].get("device", ""))}
     clients, msg = [], []
+    # a rank hosting M logical clients steps them one after another (train.batched_clients off):
+    # one client's own step is the rank's over M, the step the model gives each client its own device
+    per_rank = int(run.get("clients_per_rank", cfg["run"].get("clients_per_rank", 1)) or 1)
+    if cfg["train"].get("batched_clients") and per_rank > 1:
+        raise SystemExit(f"{path}:{name}: batched logical clients share one step; project from loop runs")
     for r, rk in sorted(ranks.items()):
         if rk.get("role") != "client":
             continue
         ps, step, _ = rows(rk)
         if step.size == 0:
             continue
-        own = step - ps[:, P["wait"]] - ps[:, P["io"]]
-        comp = sum(ps[:, P[p]] for p in ("data", "noise", "forward", "backward", "optimizer"))
+        own = (step - ps[:, P["wait"]] - ps[:, P["io"]]) / per_rank
+        comp = sum(ps[:, P[p]] for p in ("data", "noise", "forward", "backward", "optimizer")) / per_rank
         clients.append({"rank": r, "step_s": float(np.median(step)), "own_step_s": float(np.median(own)),
                         "compute_s": float(np.median(comp)), "wait_s": float(np.median(ps[:, P["wait"]])),
                         "send_s": float(np.median(ps[:, P["send"]])), "device": str(rk.get("device", ""))})
@@ -135,6 +141,7 @@ def analyse_run(name: str, run: dict, path: str) -> dict:
     hosts = list(run.get("hosts", []) or [])
     return {
         "file": os.path.abspath(path), "run": name, "n_clients": int(run.get("n_clients", len(ranks) - 1)),
+        "clients_per_rank": per_rank,
         "world_size": int(run.get("world_size", len(ranks))), "hosts": sorted(set(hosts)),
         "ranks_per_host_max": max((hosts.count(h) for h in set(hosts)), default=0),
         "command": run.get("command", ""), "timing_mode": run.get("timing_mode", ""),
