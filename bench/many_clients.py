@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 import common
+import memory
 
 from collafuse_mpi.harness import PHASES  # noqa: E402
 
@@ -47,18 +48,8 @@ def launch(n_clients: int, batched: bool, args, tmp: str) -> dict:
            "--set", "privacy.attacks=none", "--set", "run.save_models=false",
            "--set", f"train.warmup_steps={args.warmup}", "--set", f"train.batched_clients={str(batched).lower()}",
            "--set", "run.recv_timeout=3000"]
-    cmd = common.mpirun(3) + [sys.executable, os.path.join(common.BENCH, "memory.py"), "--wrap", js, "--"] + cli
-    shown = " ".join(common.mpirun(3)) + f" python bench/memory.py --wrap {tag}.json -- " + " ".join(cli)
-    print(f"running {shown}", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=common.REPO, env=common.mpi_env(), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{shown} failed with exit code {proc.returncode}")
-    import json
-    with open(js) as fh:
-        mem = {r["rank"]: r for r in json.load(fh)}
+    shown, wall, rows = memory.run_wrapped(3, cli, js, tag)
+    mem = {r["rank"]: r for r in rows}
     from collafuse_mpi import results
     run = next(iter(results.read(h5)["runs"].values()))
     return summarize(run, mem, n_clients, batched, shown, wall, args.warmup)

@@ -78,9 +78,9 @@ def wrap(out_path: str, cli_args: list[str]):
             json.dump(everyone, fh)
 
 
-def launch(n: int, steps: int, tmp: str, tag: str) -> dict:
-    h5, js = os.path.join(tmp, f"{tag}.h5"), os.path.join(tmp, f"{tag}.json")
-    cli_args = ["--cut", "0.4", "--steps", str(steps), "-o", h5, "--overwrite", "-q"]
+def run_wrapped(n: int, cli_args: list, js: str, tag: str) -> tuple[str, float, list]:
+    """The CLI on n ranks under this file's wrapper: (the command as shown, wall seconds, the
+    per-rank memory rows the wrapper wrote to `js`). Exits with the run's output if it fails."""
     cmd = common.mpirun(n) + [sys.executable, os.path.join(common.BENCH, "memory.py"), "--wrap", js, "--"] + cli_args
     shown = " ".join(common.mpirun(n)) + f" python bench/memory.py --wrap {tag}.json -- " + " ".join(cli_args)
     print(f"running {shown}", flush=True)
@@ -91,7 +91,13 @@ def launch(n: int, steps: int, tmp: str, tag: str) -> dict:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{shown} failed with exit code {proc.returncode}")
     with open(js) as fh:
-        ranks = json.load(fh)
+        return shown, wall, json.load(fh)
+
+
+def launch(n: int, steps: int, tmp: str, tag: str) -> dict:
+    h5, js = os.path.join(tmp, f"{tag}.h5"), os.path.join(tmp, f"{tag}.json")
+    cli_args = ["--cut", "0.4", "--steps", str(steps), "-o", h5, "--overwrite", "-q"]
+    shown, wall, ranks = run_wrapped(n, cli_args, js, tag)
     from collafuse_mpi import results
     run = next(iter(results.read(h5)["runs"].values()))
     for r in ranks:

@@ -200,7 +200,8 @@ class RunConfig:
     recv_timeout: float = 600.0
     """Seconds a rank waits on a peer (a message, a send in flight, a flush or the final gather)
     before it ends the job naming that peer; must exceed the longest a peer computes without
-    answering (loading its data, metrics)."""
+    answering (loading its data, metrics). Clients wait twice this for rank 0, so that rank 0,
+    which may be waiting on a silent client, names it first."""
     checkpoint_every: int = 0
     """Every rank saves model, optimiser, EMA and RNG state every this many steps (0 = never)."""
     checkpoint_dir: str = ""

@@ -18,6 +18,8 @@ import click
 from . import config as cfgmod
 from .config import ConfigError
 
+CLIENT_WAIT_FACTOR = 2.0  # clients' deadline on rank 0, in units of run.recv_timeout
+
 
 class Abort(SystemExit):
     """Every rank leaves with this code; the message was printed once, on rank 0."""
@@ -108,7 +110,10 @@ def execute(cfg, tp, progress: bool = False) -> dict:
 
     timeout = cfg.run.recv_timeout
     if type(timeout) in (int, float) and timeout > 0:  # else check() refuses it
-        tp.timeout = timeout  # every wait on a peer, from the first one on
+        # every wait on a peer, from the first one on. A client only ever waits on rank 0, and
+        # rank 0 may itself be waiting on a silent client: clients wait twice as long, so that
+        # rank 0's deadline fires first and the message names the rank that went silent
+        tp.timeout = timeout if tp.rank == 0 else CLIENT_WAIT_FACTOR * timeout
     check(cfg, tp)
     placement = tp.gather_obj(machine.rank_info(tp.local_rank), what="in the gather of where each rank runs")
     resume_step = find_resume_step(cfg, tp) if cfg.run.resume else 0

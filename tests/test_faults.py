@@ -159,4 +159,4 @@ def test_a_stopped_server_is_named_within_the_deadline(tmp_path):
             proc.wait()
     assert proc.returncode not in (None, 0)
     assert elapsed < 5 + 15, f"job took {elapsed:.1f} s to end after SIGSTOP of rank 0 (deadline 5 s)"
-    assert "rank 0" in text and "within 5 s" in text, text[-3000:]
+    assert "rank 0" in text and "within 10 s" in text, text[-3000:]  # clients wait 2 x run.recv_timeout

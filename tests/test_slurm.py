@@ -191,6 +191,9 @@ def test_warned_job_saves_requeues_and_resumes_to_the_same_losses(tmp_path):
         end = time.monotonic() + 60
         while _state(jobid) != "PENDING" and time.monotonic() < end:
             time.sleep(0.5)
+        # slurmd refuses a job credential issued in the same second as the revocation of the job's
+        # last one ("Job credential revoked" in slurmctld.log): force the start only after that second
+        time.sleep(2.0)
         subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], capture_output=True)
         states = wait(jobid, [log])
     finally:
