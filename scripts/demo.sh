@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: 1 server + 2 clients on CPU, digits data,
 # results in results.h5 and figures in figures/. Extra arguments go to the run.
-# 800 steps (about a minute of training on 2 cores) is what it takes for the samples to look
+# 800 steps (about 4 minutes for the run on 2 cores) is what it takes for the samples to look
 # like digits; 64 samples per client keep the KID from being noise (bench/results/demo.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
