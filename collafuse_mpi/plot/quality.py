@@ -73,10 +73,10 @@ def kid_data(ctx: Ctx) -> tuple[dict, list]:
             for it in items:
                 if not it["run"].heterogeneous:
                     by.setdefault(it["n"], {}).setdefault(it["run"].cut, []).append(it["mean"])
-            d[field_] = {n: [(c, float(np.mean(v)), float(np.std(v)) if len(v) > 1 else 0.0, len(v))
-                             for c, v in sorted(cs.items())] for n, cs in sorted(by.items())}
-            if field_ == "pooled_mean":  # repeats of a configuration: the 95% interval of their mean
-                d[field_] = {n: [(c, *mean_ci(v)) for c, v in sorted(cs.items())] for n, cs in sorted(by.items())}
+            # clients: spread over clients (std); pooled: repeats of a configuration, 95% interval of their mean
+            stat = (lambda v: (float(np.mean(v)), float(np.std(v)) if len(v) > 1 else 0.0, len(v))) \
+                if field_ == "mean" else mean_ci
+            d[field_] = {n: [(c, *stat(v)) for c, v in sorted(cs.items())] for n, cs in sorted(by.items())}
         pooled_runs = {id(it["run"]) for it in d["pooled"]}
         d["no_pooled"] = list({id(it["run"]): it["run"] for it in d["clients"]
                                if id(it["run"]) not in pooled_runs}.values())
