@@ -217,6 +217,10 @@ class RunConfig:
     """Store a grid of each client's held-out real images in the results file (off: client data stays out)."""
     save_models: bool = True
     """Save each rank's final (EMA) model and each client's samples under `save_dir`."""
+    tcp_eager: bool = True
+    """Raise Open MPI's TCP eager limit (OMPI_MCA_btl_tcp_eager_limit) to hold one training
+    message, up to 4 MiB, so that batches from other hosts land while the server computes
+    instead of each waiting for a rendezvous handshake; a limit set in the environment is kept."""
 
 
 @dataclass

@@ -472,7 +472,7 @@ def cli(config_path, if_exists, overrides, quiet, resume, check_only, ranks, hel
             raise SystemExit(2) from None
         submit_check(cfg, ranks)
         return
-    from . import stopping
+    from . import mpi_params, stopping
     from .comm import MPITransport, PeerFailed
     from .report import failure_text
     stopping.install()  # SLURM's warning signal or SIGTERM: all ranks save at one step edge, then stop
@@ -482,6 +482,7 @@ def cli(config_path, if_exists, overrides, quiet, resume, check_only, ranks, hel
             cfg, problem = _build_config(config_path, if_exists, overrides, quiet, resume, values), None
         except ConfigError as exc:
             cfg, problem = cfgmod.Config(), str(exc)
+        os.environ.update(mpi_params.environment(cfg, os.environ))  # read by MPI_Init, in MPITransport
         tp = MPITransport(cuda_aware=cfg.run.cuda_aware if cfg.run.cuda_aware in cfgmod.TRISTATE else "auto")
         if problem:  # the same on every rank: report once
             if tp.rank == 0 and _launcher_rank() in (None, 0):

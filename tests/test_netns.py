@@ -25,7 +25,8 @@ pytestmark = pytest.mark.mpi
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "netns-cluster.sh")
 ENV = dict(os.environ, CF_NETNS_PREFIX="cftest")
-STEPS, BATCH, SAMPLES, IMAGE, CHANNELS = 4, 4, 4, 16, 1  # TINY's steps, batch, samples; digits' size
+STEPS, SAMPLES, IMAGE, CHANNELS = 4, 4, 16, 1  # TINY's steps and samples; digits' size
+BATCH = 32  # 65,760-byte training messages: above Open MPI's 64 KiB TCP eager limit unless run.tcp_eager raises it
 
 
 def cluster(*args, timeout=120, check=True):
@@ -70,11 +71,13 @@ def run_cli(args, timeout=240, popen=False):
 
 def test_three_hosts_over_tcp(hosts, tmp_path):
     out = tmp_path / "r.h5"
-    p = run_cli([*TINY, "-o", str(out)])
+    p = run_cli([*TINY, "--batch-size", str(BATCH), "-o", str(out)])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = next(iter(results.read(out)["runs"].values()))
     assert run["hosts"] == ["cftestnode1", "cftestnode2", "cftestnode3"]
     assert run["transport_settings"]["OMPI_MCA_btl_tcp_if_include"] == "10.213.0.0/24"
+    # the run raised the eager limit to hold its message (65,760 bytes -> 17 pages of 4 KiB)
+    assert run["transport_settings"]["OMPI_MCA_btl_tcp_eager_limit"] == str(17 * 4096)
     cfg = run["config"]
     assert (cfg["data"]["image_size"], cfg["data"]["channels"]) == (IMAGE, CHANNELS)
     per_message = BATCH * (2 * CHANNELS * IMAGE * IMAGE + 1) * 4 + 96
