@@ -30,18 +30,25 @@ over the direct timings); with one fused size only, a = 0 and b = time / images.
 
 The model, for N clients, a link of bandwidth BW and one-way latency L per MPI message:
     compute(N) = (a + b * N * B) / server_speedup
-    recv(N)    = N * (bytes/BW + lat_msgs * L + host)     one NIC, messages serialised;
-                 lat_msgs = 1 (header) + 1 (payload) + 2 more if the payload exceeds --eager-limit
-                 (rendezvous handshake); host = server recv/client measured above (0 with --host-overhead-us 0)
+    wire(N)    = N * bytes/BW                        one server NIC, messages serialised on it
+    eager      the payload fits the eager limit (--eager-limit; the package raises Open MPI's TCP
+               limit to hold one message up to 4 MiB, run.tcp_eager): a message lands while the
+               server computes, so the server's receive costs it only the host cost, and the
+               latency is hidden: recv(N) = N * host, and the NIC runs beside the compute
+    rendezvous the payload is above it: the data moves only once the server, done computing, has
+               answered, client after client: recv(N) = N * (bytes/BW + 2 L + handshake + host)
+               (2 L: the answer and the data; handshake: what a link costs beyond that, measured
+               by bench/link_probe.py, --handshake-us; 0 by default)
+    host       = server recv/client measured above (0 with --host-overhead-us 0)
     client     = client own step / client_speedup        (clients run in parallel, one device each)
-    serial     step = client + recv + compute             no overlap at all (lock-step)
-    pipelined  step = max(client, recv + compute)         the package: clients keep max_in_flight
+    serial     step = client + wire + N * latencies + N * host + compute    no overlap at all
+    pipelined  step = max(client, recv + compute, wire)  the package: clients keep max_in_flight
                                                           batches ahead; the server receives, then computes
-    overlapped step = max(client, recv, compute)          the server also receives step s+1 while
-                                                          computing step s (pre-posted Irecv / eager)
-    server utilisation = compute / step; NIC utilisation = N*bytes/BW / step;
-    saturation: the largest N with recv + compute <= client (pipelined), i.e. the server is not the
-    bottleneck; beyond it every added client lengthens every step.
+    overlapped step = max(client, recv, compute, wire)   the server also took in step s+1's messages
+                                                          while computing step s
+    server utilisation = compute / step; NIC utilisation = wire / step;
+    saturation: the largest N with recv + compute <= client and wire <= client (pipelined), i.e.
+    the server is not the bottleneck; beyond it every added client lengthens every step.
 """
 from __future__ import annotations
 
@@ -59,7 +66,7 @@ import numpy as np
 
 import common
 
-from collafuse_mpi import results  # noqa: E402
+from collafuse_mpi import mpi_params, results  # noqa: E402
 from collafuse_mpi.harness import PHASES  # noqa: E402
 
 CLIENTS = (64, 128, 256, 512, 1024)
@@ -292,37 +299,49 @@ def direct_timing(c: dict, client_counts: list[int], iters: int, warmup: int, th
 # ----------------------------------------------------------------------------- the model
 
 def latency_msgs(payload_bytes: float, eager_limit: int) -> int:
-    return 1 + (3 if payload_bytes > eager_limit else 1)
+    """One-way latencies per client message on the server's path: none when the payload goes
+    eagerly (it lands while the server computes), 2 for a rendezvous (the server's answer, then
+    the data), which starts only when the server reaches its receive."""
+    return 0 if payload_bytes <= eager_limit else 2
+
+
+def _per_message(p: dict, bw_gbit: float, lat_us: float) -> tuple[float, float, bool]:
+    """(wire seconds, latency seconds incl. a measured handshake, eager) per client message."""
+    wire = p["message_bytes"] / (bw_gbit * 1e9 / 8)
+    eager = p["latency_msgs"] == 0
+    lat = 0.0 if eager else p["latency_msgs"] * lat_us * 1e-6 + p.get("handshake_s", 0.0)
+    return wire, lat, eager
 
 
 def project(p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
     """All model quantities for n clients on one link; p holds the derived parameters (seconds, bytes)."""
-    bw = bw_gbit * 1e9 / 8  # bytes/s
-    per_client_wire = p["message_bytes"] / bw
-    per_client_lat = p["latency_msgs"] * lat_us * 1e-6
-    recv = n * (per_client_wire + per_client_lat + p["host_s"])
+    wire_each, lat_each, eager = _per_message(p, bw_gbit, lat_us)
+    wire = n * wire_each
+    recv = n * p["host_s"] + (0.0 if eager else wire + n * lat_each)  # on the server's path
     compute = (p["a_s"] + p["b_s"] * n * p["batch"]) / p["server_speedup"]
     client = p["client_s"] / p["client_speedup"]
     server = recv + compute
-    steps = {"serial": client + recv + compute, "pipelined": max(client, server),
-             "overlapped": max(client, recv, compute)}
-    wire = n * per_client_wire
+    steps = {"serial": client + wire + n * (lat_each + p["host_s"]) + compute,
+             "pipelined": max(client, server, wire), "overlapped": max(client, recv, compute, wire)}
     out = {"clients": n, "bandwidth_gbit": bw_gbit, "latency_us": lat_us, "fused_images": n * p["batch"],
-           "bytes_in_per_step": n * p["message_bytes"], "wire_s": wire, "latency_s": n * per_client_lat,
-           "host_s": n * p["host_s"], "recv_s": recv, "compute_s": compute, "server_s": server,
-           "client_s": client, "step_s": steps}
+           "bytes_in_per_step": n * p["message_bytes"], "eager": eager, "wire_s": wire,
+           "latency_s": n * lat_each, "host_s": n * p["host_s"], "recv_s": recv, "compute_s": compute,
+           "server_s": server, "client_s": client, "step_s": steps}
     out["server_utilisation"] = {k: compute / v for k, v in steps.items()}
     out["server_busy"] = {k: min(1.0, (server if k != "overlapped" else max(recv, compute)) / v)
                           for k, v in steps.items()}
     out["nic_utilisation"] = {k: wire / v for k, v in steps.items()}
     out["ingress_gbit_s"] = {k: n * p["message_bytes"] * 8 / v / 1e9 for k, v in steps.items()}
-    if server <= client:
+    if max(server, wire) <= client:
         out["bottleneck"] = "clients"
+    elif wire > server:
+        out["bottleneck"] = "server NIC"
     else:
         out["bottleneck"] = "server compute" if compute >= recv else "server receive"
     # server compute speed-up over the measured one for the pipelined step to equal the client step
     spare = client - recv
-    out["server_speedup_needed"] = (compute * p["server_speedup"] / spare) if spare > 0 else math.inf
+    out["server_speedup_needed"] = (compute * p["server_speedup"] / spare) if spare > 0 and wire <= client \
+        else math.inf
     return out
 
 
@@ -331,16 +350,18 @@ def saturation(p: dict, bw_gbit: float, lat_us: float, server_speedup: float | N
     s = p["server_speedup"] if server_speedup is None else server_speedup
     client = p["client_s"] / p["client_speedup"]
     a, b = p["a_s"] / s, p["b_s"] * p["batch"] / s  # compute = a + b*N
-    r = p["message_bytes"] / (bw_gbit * 1e9 / 8) + p["latency_msgs"] * lat_us * 1e-6 + p["host_s"]  # recv = r*N
-    wire_only = p["message_bytes"] / (bw_gbit * 1e9 / 8) + p["latency_msgs"] * lat_us * 1e-6
+    wire_each, lat_each, eager = _per_message(p, bw_gbit, lat_us)
+    r = p["host_s"] + (0.0 if eager else wire_each + lat_each)  # recv = r*N
+    wire_only = wire_each + lat_each
 
     def floor_n(x):
         return max(0, int(math.floor(x + 1e-9))) if math.isfinite(x) else None
 
-    pipelined = floor_n((client - a) / (b + r))
+    nic = floor_n(client / wire_each)  # the NIC carries N messages per client step
+    pipelined = min(floor_n((client - a) / (b + r)), nic)
     compute_only = floor_n((client - a) / b)
     receive_only = floor_n(client / r) if r > 0 else None
-    overlapped = min(v for v in (compute_only, receive_only) if v is not None)
+    overlapped = min(v for v in (compute_only, receive_only, nic) if v is not None)
     return {"bandwidth_gbit": bw_gbit, "latency_us": lat_us, "server_speedup": s,
             "n_max_pipelined": pipelined, "n_max_overlapped": overlapped,
             "n_max_compute_only": compute_only, "n_max_receive_only": receive_only,
@@ -388,19 +409,23 @@ def assumptions(p: dict, source: str) -> list[str]:
         f"Client step = {t_str(p['client_s'])} (its own step with no waiting), the same for every client, "
         "each client on its own hardware, so clients run fully in parallel and do not slow as N grows.",
         f"One server NIC receives every message, one after the other (incast, no switch limits beyond "
-        f"that): per client and step {p['message_bytes']:,.0f} bytes, {p['latency_msgs']} latencies "
-        f"(a {HEADER_BYTES}-byte header and the payload as 2 MPI messages, plus a rendezvous handshake "
-        f"when the payload exceeds the {p['eager_limit']:,}-byte eager limit), and a host cost of "
-        f"{t_str(p['host_s'])} per message ({p['host_source']}). Bandwidth is the nominal link rate; "
-        "MPI usually reaches 85-95% of it.",
+        f"that): per client and step {p['message_bytes']:,.0f} bytes (a {HEADER_BYTES}-byte header and the "
+        f"payload, 2 MPI messages) and a host cost of {t_str(p['host_s'])} per message ({p['host_source']}). "
+        "Bandwidth is the nominal link rate; MPI usually reaches 85-95% of it.",
+        (f"The payload fits the {p['eager_limit']:,}-byte eager limit ({p['eager_source']}): it lands while "
+         "the server computes, so latency is hidden and the NIC's wire time runs beside the compute; only "
+         "the host cost is on the server's path." if p["latency_msgs"] == 0 else
+         f"The payload exceeds the {p['eager_limit']:,}-byte eager limit ({p['eager_source']}): each message "
+         "waits for the server's answer once the server reaches its receive, so every client costs the "
+         f"server 2 latencies, its wire time and a handshake of {t_str(p['handshake_s'])} "
+         "(--handshake-us; bench/link_probe.py measures it), one client after another."),
         "Latencies per link are typical one-way MPI latencies (" +
         ", ".join(f"{b:g} Gbit/s: {l:g} µs" for b, l in p["latency_table"].items()) +
         "); `--latency-us` overrides them.",
         "Pipelined (what the package does: clients keep up to train.max_in_flight batches in flight, the "
         "server receives all N then computes) is the headline. Overlapped assumes the server also takes "
-        "in step s+1's messages while computing step s (pre-posted receives or eager delivery); the "
-        "package's server posts its receives after its compute, so it does not get this for payloads "
-        "above the eager limit. Serial is the no-overlap upper bound.",
+        "in step s+1's messages while computing step s; for eager payloads the two differ only by the host "
+        "cost. Serial is the no-overlap upper bound.",
         "Nothing else is modelled: no sampling, metrics or checkpoint phases, no stragglers or jitter, "
         "no contention between clients on shared switches, no GPU-direct or compression.",
     ]
@@ -430,7 +455,8 @@ def markdown(rec: dict) -> str:
                         for bw, row in sat["by_speedup"].items()]), ""]
     L += ["## Per client count and bandwidth\n",
           f"Server speed-up {p['server_speedup']:g}x, client speed-up {p['client_speedup']:g}x. "
-          "recv = wire + latency + host cost, all N messages; server = recv + compute; "
+          "recv = what the server's path pays for all N messages (host cost; with a rendezvous also wire "
+          "and latency); server = recv + compute; "
           "util = server compute / step; NIC = wire time / step; 'needed' = how many times faster than measured "
           "the server's compute must be for the pipelined step to come down to the client step (∞: receiving "
           "alone already takes longer than a client step).\n",
@@ -457,7 +483,9 @@ def markdown(rec: dict) -> str:
                         ["client step", t_str(p["client_s"]), p["compute_source"]],
                         ["message per client per step", f"{p['message_bytes']:,.0f} bytes", p["message_source"]],
                         ["latencies per client per step", p["latency_msgs"],
-                         f"header + payload, eager limit {p['eager_limit']:,} B"],
+                         f"eager limit {p['eager_limit']:,} B ({p['eager_source']})"],
+                        ["rendezvous handshake beyond 2 latencies", t_str(p["handshake_s"]),
+                         "--handshake-us" if p["handshake_s"] else "not measured (0)"],
                         ["host receive cost per message", t_str(p["host_s"]), p["host_source"]],
                         ["server / client speed-up applied",
                          f"{p['server_speedup']:g}x / {p['client_speedup']:g}x", "command line"]]),
@@ -579,7 +607,11 @@ def main(argv=None):
     ap.add_argument("--bandwidths", default=",".join(map(str, BANDWIDTHS_GBIT)), help="Gbit/s, comma-separated")
     ap.add_argument("--latency-us", default="", help="one value for every link, or one per bandwidth "
                     "(default: 25, 15, 2, 1.5, 1.5 µs for 10, 25, 100, 200, 400 Gbit/s; 2 µs otherwise)")
-    ap.add_argument("--eager-limit", type=int, default=65536, help="payloads above it pay a rendezvous handshake")
+    ap.add_argument("--eager-limit", type=int, default=0,
+                    help="bytes; payloads above it wait for a rendezvous (default: the package's own, which "
+                    "raises Open MPI's TCP limit to hold one message up to 4 MiB; 65536 = Open MPI's default)")
+    ap.add_argument("--handshake-us", type=float, default=0.0,
+                    help="what a rendezvous costs beyond 2 latencies (bench/link_probe.py measures a link's)")
     ap.add_argument("--host-overhead-us", type=float, default=None,
                     help="server host cost per client message (default: measured recv per client, "
                     "least contended run)")
@@ -648,6 +680,11 @@ def main(argv=None):
         compute_device = "runs: server " + ", ".join(sorted({r["server"]["device"] for r in runs}))
     msgs = [r["message_bytes_measured"] for r in runs if r["message_bytes_measured"]]
     message_bytes = float(np.mean(msgs)) if msgs else float(runs[0]["message_bytes_formula"])
+    if args.eager_limit:
+        eager_limit, eager_source = args.eager_limit, "--eager-limit"
+    else:
+        eager_limit = max(65536, mpi_params.limit_for(message_bytes))
+        eager_source = "the package's run.tcp_eager" if eager_limit > 65536 else "Open MPI's TCP default"
     if args.host_overhead_us is not None:
         host_s, host_source = args.host_overhead_us * 1e-6, "--host-overhead-us"
     else:
@@ -662,8 +699,8 @@ def main(argv=None):
          "fit_kind": fit["kind"], "client_s": client_s, "message_bytes": message_bytes,
          "message_source": ("client comm table (train_batch bytes / messages)" if msgs
                             else "formula B*(2*C*H*W+1)*4 + 96"),
-         "eager_limit": args.eager_limit,
-         "latency_msgs": latency_msgs(message_bytes - HEADER_BYTES, args.eager_limit),
+         "eager_limit": eager_limit, "eager_source": eager_source, "handshake_s": args.handshake_us * 1e-6,
+         "latency_msgs": latency_msgs(message_bytes - HEADER_BYTES, eager_limit),
          "host_s": host_s, "host_source": host_source, "server_speedup": args.server_speedup,
          "client_speedup": args.client_speedup, "compute_source": compute_source,
          "compute_device": compute_device, "max_measured_images": int(max_images),

@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 
-from .comm import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, late, make_header, parse_header
+from .wire import _CPU, KIND_NAMES, Landing, Stats, landing_mismatch, late, make_header, parse_header
 
 
 class _Mailboxes:

@@ -5,7 +5,7 @@ the data leaves the client only after the server has matched the message and ans
 server matches a client's training batch when it is done computing, so every batch then costs it
 a handshake and an idle connection's slow start, one client after another: 1.8 ms per client
 unshaped and 4.6 ms at 1 Gbit/s + 200 us between emulated hosts, against 0.05 ms for the same
-batch sent eagerly, which lands while the server computes (bench/results/link_probe.md).
+batch sent eagerly, which lands while the server computes (bench/results/multihost.md).
 
 With `run.tcp_eager` the limit is raised to hold one training message (and one sampling
 message), up to EAGER_CAP. A limit the launch environment set is kept. The price is memory on
@@ -31,10 +31,14 @@ def message_bytes(cfg) -> int:
     return max(train, sample) + HEADER_BYTES
 
 
-def eager_limit(cfg) -> int:
-    """The TCP eager limit that holds message_bytes(cfg), rounded up to 4 KiB; 0 when above the cap."""
-    need = -(-message_bytes(cfg) // 4096) * 4096
+def limit_for(nbytes: int) -> int:
+    """The TCP eager limit that holds a message of nbytes, rounded up to 4 KiB; 0 above the cap."""
+    need = -(-int(nbytes) // 4096) * 4096
     return need if need <= EAGER_CAP else 0
+
+
+def eager_limit(cfg) -> int:
+    return limit_for(message_bytes(cfg))
 
 
 def environment(cfg, environ) -> dict:

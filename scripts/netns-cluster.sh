@@ -33,7 +33,8 @@
 # progress prompt (with 100-200 us of delay small messages otherwise sometimes took 5 ms).
 #
 # Knobs: CF_NETNS_SUBNET=10.213.0 (the /24's first three octets), CF_NETNS_PREFIX=cf (namespace
-# names), CF_NETNS_PYTHON (interpreter for the delay helper: python3).
+# names), CF_NETNS_PYTHON (interpreter for the delay helper: python3), CF_NETNS_TCP_RETRIES=4
+# (net.ipv4.tcp_retries2 in every host).
 set -euo pipefail
 
 SUBNET=${CF_NETNS_SUBNET:-10.213.0}
@@ -106,8 +107,9 @@ cmd_up() {
         ip netns add "$h"
         ip -n "$h" link set lo up
         # a peer that stops acknowledging is given up after ~6 s of retransmits, not ~15 min, so a
-        # cut link ends the job (PRRTE drops a daemon it cannot reach); this namespace only
-        ip netns exec "$h" sysctl -qw net.ipv4.tcp_retries2=4
+        # cut link ends the job (PRRTE drops a daemon it cannot reach); this namespace only.
+        # CF_NETNS_TCP_RETRIES raises it for slow shaped links, whose queues can outlast 6 s
+        ip netns exec "$h" sysctl -qw net.ipv4.tcp_retries2="${CF_NETNS_TCP_RETRIES:-4}"
         # both ends are created inside the namespaces: the root namespace never holds them
         ip link add "p$i" netns "$SW" type veth peer name eth0 netns "$h"
         ip -n "$SW" link set "p$i" master br0 up
