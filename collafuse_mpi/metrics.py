@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -30,6 +31,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 )
+_GLOBAL_RNG = threading.Lock()  # held while torch's global CPU generator is seeded and drawn from
 _CHUNK = 256  # images per feature-extractor call: bounds memory, results do not depend on it
 
 
@@ -169,8 +171,9 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
             for i in range(0, imgs.shape[0], _CHUNK):
                 metric.update(prep(imgs[i:i + _CHUNK].detach().cpu()), real=is_real)
         # torchmetrics draws subsets with torch.randperm on the global CPU generator: seed it inside
-        # a fork (only the CPU one, so a caller's CUDA RNG is not reseeded either)
-        with torch.random.fork_rng(devices=[]):
+        # a fork (only the CPU one, so a caller's CUDA RNG is not reseeded either), one caller at a
+        # time (roles run as threads of one process in loopback runs: the generator is shared)
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             mean, std = metric.compute()
     return {"mean": float(mean), "std": float(std), "features": fs,

@@ -175,7 +175,8 @@ def _assert_same_clients(a, b, n):
         for key in ("generated", "server_view"):
             ga, gb = a["samples"][c][key].astype(int), b["samples"][c][key].astype(int)
             assert np.abs(ga - gb).max() <= 1  # uint8 rounding of float-tolerance differences
-        assert a["metrics"][c]["kid"]["mean"] == pytest.approx(b["metrics"][c]["kid"]["mean"], rel=1e-3, abs=1e-5)
+        # KID of samples that differ by 1 in a few uint8 pixels: 0.2% apart was seen at KID ~400
+        assert a["metrics"][c]["kid"]["mean"] == pytest.approx(b["metrics"][c]["kid"]["mean"], rel=1e-2, abs=1e-5)
         pa, pb = a["metrics"][c]["privacy"]["reconstruction"], b["metrics"][c]["privacy"]["reconstruction"]
         assert {n: pa[n]["psnr"] for n in pa} == pytest.approx({n: pb[n]["psnr"] for n in pb}, rel=1e-4)
         assert a["metrics"][c]["bytes"] == b["metrics"][c]["bytes"]
