@@ -219,7 +219,9 @@ class RunConfig:
     tcp_eager: bool = True
     """Raise Open MPI's TCP eager limit (OMPI_MCA_btl_tcp_eager_limit) to hold one training
     message, up to 4 MiB, so that batches from other hosts land while the server computes
-    instead of each waiting for a rendezvous handshake; a limit set in the environment is kept."""
+    instead of each waiting for a rendezvous handshake; a limit set in the environment is kept.
+    Eager sends complete once buffered, so train.max_in_flight no longer bounds how far clients
+    run ahead over TCP: rank 0 buffers their early batches (see collafuse_mpi/mpi_params.py)."""
 
 
 @dataclass

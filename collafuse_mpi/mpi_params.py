@@ -3,14 +3,17 @@
 Over TCP, Open MPI sends a message above `btl_tcp_eager_limit` (64 KiB by default) by rendezvous:
 the data leaves the client only after the server has matched the message and answered. The
 server matches a client's training batch when it is done computing, so every batch then costs it
-a handshake and an idle connection's slow start, one client after another: 1.8 ms per client
-unshaped and 4.6 ms at 1 Gbit/s + 200 us between emulated hosts, against 0.05 ms for the same
-batch sent eagerly, which lands while the server computes (bench/results/multihost.md).
+a handshake and an idle connection's slow start, one client after another: 1.3-1.6 ms per client
+unshaped and 3.8-4.4 ms at 1 Gbit/s + 200 us between emulated hosts, against 0.04-0.07 ms for
+the same batch sent eagerly, which lands while the server computes (bench/results/multihost.md).
 
 With `run.tcp_eager` the limit is raised to hold one training message (and one sampling
 message), up to EAGER_CAP. A limit the launch environment set is kept. The price is memory on
-the receiver: a message that arrives before its receive is posted waits in Open MPI's buffers,
-so rank 0 may hold up to clients x train.max_in_flight batches there. Other MPI libraries ignore
+the receiver, and train.max_in_flight does not bound it: an eager send completes once buffered,
+so clients faster than the server run ahead and rank 0 holds their early batches in Open MPI's
+buffers (at 2 Mbit/s clients ran several steps ahead; the stop vote every run.stop_check_every
+steps should bound it, not yet measured). Turn it off (run.tcp_eager = false) for long runs of
+many clients far faster than the server. Other MPI libraries ignore
 the variable; shared memory within a node is unaffected (large messages go by single copy).
 """
 from __future__ import annotations
