@@ -28,14 +28,13 @@ from collafuse_mpi import comm  # noqa: E402
 GO = 7  # kind of the small go-ahead from rank 0 (outside the package's kinds)
 
 
-def probe(tp, nbytes: int, gap: float, reps: int, busy: bool = False) -> list[float] | None:
+def probe(tp, nbytes: int, gap: float, reps: int) -> list[float] | None:
     payload = torch.zeros(nbytes // 4, dtype=torch.float32)
     go = np.zeros(1, dtype=np.int64)
     times = []
     for _ in range(reps + 1):  # the first one opens the connection and is dropped
         if tp.rank == 1:
-            h = tp.isend(0, comm.TRAIN, 0, 0, payload)
-            tp.MPI.Request.Waitall(h.requests) if busy else h.wait()
+            tp.isend(0, comm.TRAIN, 0, 0, payload).wait()
             tp.comm.Recv(go, 0, GO)
         else:
             time.sleep(gap)
@@ -51,7 +50,6 @@ def main(argv=None):
     ap.add_argument("--bytes", default="65664", help="payload sizes, comma-separated (the header is added)")
     ap.add_argument("--gaps", default="0,0.3", help="seconds rank 0 stays out of MPI before each receive")
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--busy", action="store_true", help="the sender waits in MPI_Waitall (busy) instead of the package's poll")
     args = ap.parse_args(argv)
     tp = comm.MPITransport(timeout=120.0)
     if tp.size != 2:
@@ -59,7 +57,7 @@ def main(argv=None):
     rows = []
     for nbytes in (int(v) for v in args.bytes.split(",")):
         for gap in (float(v) for v in args.gaps.split(",")):
-            t = probe(tp, nbytes, gap, args.reps, args.busy)
+            t = probe(tp, nbytes, gap, args.reps)
             if t is not None:
                 rows.append({"payload_bytes": nbytes, "gap_s": gap, "reps": args.reps,
                              "min_s": float(np.min(t)), "p50_s": float(np.median(t)), "max_s": float(np.max(t))})

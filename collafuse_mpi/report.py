@@ -112,8 +112,8 @@ def transport_settings() -> dict:
     """The launch environment's choices of MPI transport (Open MPI MCA, UCX, libfabric, MPICH)."""
     keys = ("OMPI_MCA_pml", "OMPI_MCA_btl", "OMPI_MCA_mtl", "OMPI_MCA_osc", "OMPI_MCA_btl_tcp_if_include",
             "OMPI_MCA_btl_tcp_if_exclude", "OMPI_MCA_btl_tcp_eager_limit", "PRTE_MCA_oob_tcp_if_include",
-            "UCX_TLS", "UCX_NET_DEVICES",
-            "FI_PROVIDER", "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_OFI_ENABLE_SHARED_CONTEXTS")
+            "UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER", "MPIR_CVAR_CH4_NETMOD",
+            "MPIR_CVAR_CH4_OFI_ENABLE_SHARED_CONTEXTS")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
