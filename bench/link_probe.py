@@ -2,8 +2,9 @@
 
     scripts/netns-cluster.sh run -n 2 --map-by node python bench/link_probe.py --bytes 65664,32768
 
-Rank 1 sends with the package's transport (header, then payload: two MPI messages) and waits in
-MPI for the send to finish, as a client ahead of the server does; rank 0 stays out of MPI for
+Rank 1 sends with the package's transport (header, then payload: two MPI messages; the payload by
+Issend, as clients send training batches, or plain Isend with --plain) and waits in MPI for the
+send to finish, as a client ahead of the server does; rank 0 stays out of MPI for
 `--gap` seconds (the server computing), then times its receive of the message that is waiting.
 After a gap longer than TCP's retransmission timeout the sender's connection restarts from its
 initial congestion window (Linux's tcp_slow_start_after_idle), and a payload above the eager
@@ -28,13 +29,13 @@ from collafuse_mpi import comm  # noqa: E402
 GO = 7  # kind of the small go-ahead from rank 0 (outside the package's kinds)
 
 
-def probe(tp, nbytes: int, gap: float, reps: int) -> list[float] | None:
+def probe(tp, nbytes: int, gap: float, reps: int, sync: bool = True) -> list[float] | None:
     payload = torch.zeros(nbytes // 4, dtype=torch.float32)
     go = np.zeros(1, dtype=np.int64)
     times = []
     for _ in range(reps + 1):  # the first one opens the connection and is dropped
         if tp.rank == 1:
-            tp.isend(0, comm.TRAIN, 0, 0, payload).wait()
+            tp.isend(0, comm.TRAIN, 0, 0, payload, sync=sync).wait()
             tp.comm.Recv(go, 0, GO)
         else:
             time.sleep(gap)
@@ -50,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--bytes", default="65664", help="payload sizes, comma-separated (the header is added)")
     ap.add_argument("--gaps", default="0,0.3", help="seconds rank 0 stays out of MPI before each receive")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--plain", action="store_true",
+                    help="send the payload by plain Isend instead of Issend, as clients did before they "
+                         "bounded their run-ahead (a plain eager send completes unmatched)")
     args = ap.parse_args(argv)
     tp = comm.MPITransport(timeout=120.0)
     if tp.size != 2:
@@ -57,9 +61,9 @@ def main(argv=None):
     rows = []
     for nbytes in (int(v) for v in args.bytes.split(",")):
         for gap in (float(v) for v in args.gaps.split(",")):
-            t = probe(tp, nbytes, gap, args.reps)
+            t = probe(tp, nbytes, gap, args.reps, sync=not args.plain)
             if t is not None:
-                rows.append({"payload_bytes": nbytes, "gap_s": gap, "reps": args.reps,
+                rows.append({"payload_bytes": nbytes, "gap_s": gap, "reps": args.reps, "sync": not args.plain,
                              "min_s": float(np.min(t)), "p50_s": float(np.median(t)), "max_s": float(np.max(t))})
     if tp.rank == 0:
         print(json.dumps({"library": tp.library(), "rows": rows}), flush=True)

@@ -58,8 +58,8 @@ class Sampler(threading.Thread):
 
 
 def wrap(out_path: str, cli_args: list[str]):
-    """Rank body: run the CLI, then gather memory figures to rank 0 and write them."""
-    from mpi4py import MPI
+    """Rank body: run the CLI, then gather memory figures to rank 0 and write them. mpi4py.MPI is
+    imported after the CLI ran: importing it starts MPI, before the variables the run sets."""
     sampler = Sampler()
     sampler.start()
     from collafuse_mpi.run import cli
@@ -68,6 +68,7 @@ def wrap(out_path: str, cli_args: list[str]):
     finally:
         sampler.stop.set()
         sampler.join()
+    from mpi4py import MPI
     mine = {"rank": MPI.COMM_WORLD.Get_rank(), "pid": os.getpid(),
             "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "vmhwm_kib": _status("VmHWM"), "vmrss_end_kib": _status("VmRSS"),

@@ -17,7 +17,10 @@ everything else taken from the unshaped run at the same N (server compute per im
 step, server host cost per message, message size): the hosts share 2 cores, so compute depends on
 N and only the link is allowed to differ. The ratio predicted/measured is reported for the
 server's step and for its communication phases (recv + wait). The unshaped row is the
-calibration (its link terms only: veth rate and latency measured by the probe).
+calibration (its link terms only: veth rate and latency measured by the probe). Each N also runs
+with run.tcp_eager=false (a rendezvous per batch), modelled from the unshaped rendezvous run.
+Settings at 10 Mbit/s and below run --steps-wire steps (the wire dominates there, and a short
+run's medians come from steps whose batches crossed during earlier ones).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 
 import common
 import projection
+import run_ahead
 
 from collafuse_mpi import comm, mpi_params, results  # noqa: E402
 from collafuse_mpi.config import Config  # noqa: E402
@@ -108,6 +112,8 @@ def run_cli(n_clients: int, steps: int, batch: int, out: str, extra=()) -> dict:
     a["command"] = "scripts/netns-cluster.sh " + " ".join(args[:-1] + ["OUT.h5"]).replace(sys.executable, "python")
     a["peers_rank0"] = {k: np.asarray(v).tolist() for k, v in run["ranks"][0].get("peers", {}).items()}
     a["eager_limit"] = int(run.get("transport_settings", {}).get("OMPI_MCA_btl_tcp_eager_limit", OMPI_EAGER))
+    a["steps_ahead"] = run_ahead.steps_ahead(run)
+    a["steps"] = steps
     return a
 
 
@@ -140,7 +146,8 @@ def compare(run: dict, p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
             "pred_client_s": pred["client_s"],
             "pred_wire_s": pred["wire_s"], "pred_latency_s": pred["latency_s"], "pred_host_s": pred["host_s"],
             "meas_step_s": s["step_s"], "meas_comm_s": comm, "meas_recv_s": s["recv_s"], "meas_wait_s": s["wait_s"],
-            "meas_compute_s": s["compute_s"], "bottleneck": pred["bottleneck"],
+            "meas_compute_s": s["compute_s"], "meas_cadence_s": s.get("cadence_s", float("nan")),
+            "bottleneck": pred["bottleneck"],
             "ratio_step": pred["step_s"]["pipelined"] / s["step_s"],
             "ratio_comm": pred_comm / comm if comm > 0 else float("nan")}
 
@@ -154,9 +161,11 @@ def previous_comm(c: dict, n: int) -> float:
 
 def row(setting, n, protocol, label, c):
     err = abs(c["pred_comm_s"] - c["meas_comm_s"]) / c["meas_step_s"]
-    prev = f"{previous_comm(c, n) * 1e3:.1f}" if protocol == "eager" else ""
+    prev = (f"{previous_comm(c, n) * 1e3:.1f}" if protocol == "eager" else
+            f"{c['probe_model_comm_s'] * 1e3:.1f}" if "probe_model_comm_s" in c else "")
     return [setting, n, protocol, label, f"{c['bandwidth_gbit']:g}", f"{c['latency_us']:.0f}",
-            f"{c['meas_step_s'] * 1e3:.1f}", f"{c['pred_step_s'] * 1e3:.1f}", f"{c['ratio_step']:.2f}",
+            f"{c['meas_step_s'] * 1e3:.1f}", f"{c['meas_cadence_s'] * 1e3:.1f}" if "meas_cadence_s" in c else "",
+            f"{c['pred_step_s'] * 1e3:.1f}", f"{c['ratio_step']:.2f}",
             f"{c['meas_comm_s'] * 1e3:.1f}", f"{c['pred_comm_s'] * 1e3:.1f}", f"{c['ratio_comm']:.2f}",
             f"{err * 100:.1f}%", prev, c["bottleneck"]]
 
@@ -176,16 +185,18 @@ def markdown(rec: dict) -> str:
                     continue
                 rows.append(row(st["name"], r["n_clients"], "eager", label, c))
             if r.get("rendezvous_failed"):
-                rows.append([st["name"], r["n_clients"], "rendezvous", "(run failed: see the .json)"] + [""] * 10)
+                rows.append([st["name"], r["n_clients"], "rendezvous", "(run failed: see the .json)"] + [""] * 11)
             rr = r.get("rendezvous")
             if rr:
-                label = ("nominal" if st["rate"] != "none" else "probed") + " + probe"
+                label = ("nominal" if st["rate"] != "none" else "probed") + (
+                    ", rendezvous-calibrated" if rr["model"].get("calibration") == "rendezvous" else " + probe")
                 rows.append(row(st["name"], r["n_clients"], "rendezvous", label, rr["model"]))
                 n = r["n_clients"]
-                recv.append([st["name"], n, f"{r['server']['recv_per_client_s'] * 1e3:.2f}",
+                ahead = [max(x["steps_ahead"].values()) if x.get("steps_ahead") else "" for x in (r, rr)]
+                recv.append([st["name"], n, r.get("steps", rec["steps"]), f"{r['server']['recv_per_client_s'] * 1e3:.2f}",
                              f"{rr['server']['recv_per_client_s'] * 1e3:.2f}",
                              f"{rr['server']['recv_per_client_s'] / r['server']['recv_per_client_s']:.0f}",
-                             ms(r["server"]["step_s"]), ms(rr["server"]["step_s"])])
+                             ms(r["server"]["step_s"]), ms(rr["server"]["step_s"]), *ahead])
     md = [f"# multihost: the projection checked over emulated hosts", "",
           f"Command: `{rec['command']}`  ", f"Elapsed: {rec['elapsed_s']:.0f} s", "",
           "## Machine", "", common.machine_md(rec["machine"]), "",
@@ -200,19 +211,30 @@ def markdown(rec: dict) -> str:
           "`eager`: the run as it starts by default (run.tcp_eager: one batch fits the eager limit); "
           "`rendezvous`: the same run right after with run.tcp_eager=false (Open MPI's 64 KiB limit). "
           "`nominal`: the model given the setting's rate and delay; `probed`: the probed TCP rate and half "
-          "the probed round trip; `+ probe`: the rendezvous handshake taken from the per-message probe "
-          "(a rendezvous message's receive less an eager one's, less the model's 2 latencies and wire). "
+          "the probed round trip. Eager rows take compute and host cost per message from the unshaped eager "
+          "run at the same N; `rendezvous-calibrated` rows from the unshaped rendezvous run at the same N "
+          "(its compute, slowed by clients polling with a send in flight on the shared cores, and its "
+          "receive per client, which holds the handshake over a veth), the link adding the wire and 2 "
+          "latencies per message; `+ probe`: eager calibration plus the rendezvous handshake from the "
+          "per-message probe (a rendezvous message's receive less an eager one's, less 2 latencies and wire). "
+          "step = the server's step, median over steps after warm-up; cadence = the median interval between "
+          "its step starts (the step plus the stop vote and flushes between steps). "
           "comm = the server's recv + wait phases (medians over steps after warm-up); the prediction's comm "
           "is its pipelined step less its compute; `comm error` is |predicted - measured comm| as a share of "
           "the measured step (a ratio of two tenths of a millisecond says little); `previous model`: what "
           "the model predicted before it told eager payloads (latency hidden, wire beside the compute) "
-          "from rendezvous ones (every message's wire and 2 latencies on the server's path).", "",
-          common.table(["setting", "N", "protocol", "model link", "Gbit/s", "lat us", "step ms", "pred ms",
+          "from rendezvous ones (every message's wire and 2 latencies on the server's path); for "
+          "rendezvous rows, the `+ probe` model's comm.", "",
+          common.table(["setting", "N", "protocol", "model link", "Gbit/s", "lat us", "step ms", "cadence ms", "pred ms",
                         "pred/meas", "comm ms", "pred comm ms", "pred/meas", "comm error / step",
                         "previous model comm ms", "bottleneck (pred)"], rows), "",
           "## The server's receive per client, eager against rendezvous (side by side)", "",
-          common.table(["setting", "N", "eager recv/client ms", "rendezvous recv/client ms", "ratio",
-                        "eager step ms", "rendezvous step ms"], recv) if recv else "(rendezvous runs off)", "",
+          common.table(["setting", "N", "steps", "eager recv/client ms", "rendezvous recv/client ms", "ratio",
+                        "eager step ms", "rendezvous step ms", "eager: steps ahead (max)",
+                        "rendezvous: steps ahead (max)"], recv) if recv else "(rendezvous runs off)", "",
+          "Steps ahead: the most training steps a client had completed beyond the server's, at its step "
+          "ends (bench/run_ahead.py's measure). Training batches go by synchronous send "
+          "(train.sync_sends), so it is at most train.max_in_flight + 1 = 3 with either protocol.", "",
           "Runs: " + "; ".join(f"`{r['command']}`" for st in rec["settings"][:1] for r in st["runs"][:1]) +
           " (and the same with other -n and link settings).", ""]
     md += rec.get("notes", [])
@@ -230,8 +252,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="2,4,8")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps-wire", type=int, default=30,
+                    help="steps at 10 Mbit/s and below, where the wire dominates: a short run's medians come "
+                         "from its last steps, whose batches crossed during earlier ones")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="2 and 4 clients, unshaped and 10mbit, 8 steps")
+    ap.add_argument("--quick", action="store_true", help="2 and 4 clients, unshaped and 10mbit, 8 steps each")
     ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     ap.add_argument("--calibration", default="", metavar="JSON",
                     help="take the unshaped runs from this earlier record instead of running them")
@@ -250,14 +275,15 @@ def main(argv=None):
     clients = [int(v) for v in args.clients.split(",")]
     settings = SETTINGS
     if args.quick:
-        clients, settings, args.steps = [2, 4], [SETTINGS[0], SETTINGS[3]], 8
+        clients, settings, args.steps, args.steps_wire = [2, 4], [SETTINGS[0], SETTINGS[3]], 8, 8
     if args.only:
         settings = [s for s in SETTINGS if s[0] in args.only.split(",")]
-    cal = {}
+    cal, cal_rndv = {}, {}
     if args.calibration:
         with open(args.calibration) as fh:
             earlier = json.load(fh)
         cal = {r["n_clients"]: r for st in earlier["settings"] if st["rate"] == "none" for r in st["runs"]}
+        cal_rndv = {n: r["rendezvous"] for n, r in cal.items() if r.get("rendezvous")}
         if args.batch_size != earlier["batch_size"] or args.steps != earlier["steps"]:
             raise SystemExit("--calibration: the earlier record used other --batch-size/--steps")
     missing = [n for n in clients if n not in cal and not any(s[1] == "none" for s in settings)]
@@ -274,6 +300,7 @@ def main(argv=None):
         rec = {"benchmark": "multihost", "command": common.command(), "machine": machine,
                "settings": settings_done, "clients": clients, "payload_bytes": payload,
                "eager_limit_run": eager_run, "calibration": args.calibration, "steps": args.steps,
+               "steps_wire": args.steps_wire,
                "batch_size": args.batch_size, "elapsed_s": time.perf_counter() - t0}
         return common.write(args.out, rec, markdown(rec))
 
@@ -289,8 +316,9 @@ def main(argv=None):
             print(f"{name}: rtt min {link['rtt_min_us']:.0f} us, tcp {link['tcp_mbit_s']:.0f} Mbit/s, one message "
                   + ", ".join(f"{k} {v['p50_s'] * 1e3:.2f} ms" for k, v in link["messages"].items()), flush=True)
             runs = []
+            steps = args.steps_wire if bw is not None and bw <= 0.01 else args.steps
             for n in clients:
-                r = run_cli(n, args.steps, args.batch_size, os.path.join(tmp, f"{name}-n{n}.h5"))
+                r = run_cli(n, steps, args.batch_size, os.path.join(tmp, f"{name}-n{n}.h5"))
                 if rate == "none":
                     cal[n] = r
                 p = model_params(cal[n], n, args.batch_size, r["eager_limit"])
@@ -301,17 +329,30 @@ def main(argv=None):
                 report(n, "eager", r.get("nominal") or r["probed"], r["wall_s"])
                 if args.rendezvous:  # the same run with Open MPI's own limit, right after: side by side
                     try:
-                        rr = run_cli(n, args.steps, args.batch_size, os.path.join(tmp, f"{name}-n{n}-rndv.h5"),
+                        rr = run_cli(n, steps, args.batch_size, os.path.join(tmp, f"{name}-n{n}-rndv.h5"),
                                      ["--set", "run.tcp_eager=false"])
                     except RunFailed as exc:  # kept in the record, and the bench goes on
                         r["rendezvous_failed"] = str(exc)[-3000:]
                         print(f"  N={n} rendezvous: FAILED, recorded", flush=True)
                         runs.append(r)
                         continue
+                    if rate == "none":
+                        cal_rndv[n] = rr
                     m_bw, m_lat = (bw, lat) if bw is not None else (probed_bw, probed_lat)
                     pr = dict(p, latency_msgs=projection.latency_msgs(payload, rr["eager_limit"]),
                               handshake_s=handshake(link, p, m_bw, m_lat))
-                    rr["model"] = compare(rr, pr, n, m_bw, m_lat)
+                    probe_model = compare(rr, pr, n, m_bw, m_lat)
+                    if n in cal_rndv:
+                        # calibrated on the unshaped rendezvous run at the same N: its compute (slowed by
+                        # clients polling on the shared cores) and its receive per client (the handshake
+                        # over a veth); the link adds the wire and 2 latencies per message
+                        rr["model"] = compare(rr, model_params(cal_rndv[n], n, args.batch_size, rr["eager_limit"]),
+                                              n, m_bw, m_lat)
+                        rr["model"]["calibration"] = "rendezvous"
+                    else:
+                        rr["model"] = dict(probe_model, calibration="eager + probe")
+                    rr["model"]["probe_model_comm_s"] = probe_model["pred_comm_s"]
+                    rr["model"]["probe_model_step_s"] = probe_model["pred_step_s"]
                     rr["model"]["handshake_s"] = pr["handshake_s"]
                     r["rendezvous"] = rr
                     report(n, "rendezvous", rr["model"], rr["wall_s"])

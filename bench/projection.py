@@ -115,8 +115,11 @@ def analyse_run(name: str, run: dict, path: str) -> dict:
     senders = int(np.median(images)) // batch
     compute = np.clip(step - ps[:, P["wait"]] - ps[:, P["recv"]] - ps[:, P["io"]], 0, None)
     fbo = ps[:, P["forward"]] + ps[:, P["backward"]] + ps[:, P["optimizer"]]
+    starts = np.asarray(ranks[0]["step_start"])[~np.asarray(ranks[0]["warmup"], dtype=bool)]
     server = {"images_per_step": int(np.median(images)), "senders": senders, "steps_used": int(step.size),
               "step_s": float(np.median(step)), "compute_s": float(np.median(compute)),
+              # between step starts: the step plus what lies between steps (stop vote, flush)
+              "cadence_s": float(np.median(np.diff(starts))) if starts.size > 1 else float("nan"),
               "forward_backward_optimizer_s": float(np.median(fbo)),
               "recv_s": float(np.median(ps[:, P["recv"]])), "wait_s": float(np.median(ps[:, P["wait"]])),
               "recv_per_client_s": float(np.median(ps[:, P["recv"]])) / max(senders, 1),

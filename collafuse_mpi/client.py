@@ -90,11 +90,12 @@ class Client:
                 eps_c = self._cut_noise(index) if cfg.privacy.cut_noise == "per_image" else None
                 x_s, t_s, eps_s = schedule.server_message(self.sched, x0, self.k, self.noise_gen, eps_c)
                 payload = pack_train(x_s, eps_s, t_s.to(self.device))
-            with timer.phase("wait"):  # bounded: never more than max_in_flight batches unacknowledged
+            with timer.phase("wait"):  # bounded: never more than max_in_flight batches the server has not taken
                 while len(self.in_flight) >= cfg.train.max_in_flight:
                     self.in_flight.popleft().wait()
-            with timer.phase("send"):
-                self.in_flight.append(self.tp.isend(SERVER, comm.TRAIN, self.index, step, payload, meta=self.k))
+            with timer.phase("send"):  # sync: an eager send would complete unmatched and not bound it
+                self.in_flight.append(self.tp.isend(SERVER, comm.TRAIN, self.index, step, payload, meta=self.k,
+                                                    sync=cfg.train.sync_sends))
             self.bytes["sent_train_batch"] += payload.nbytes + comm.HEADER_BYTES
             self.sent.add(step, index)
         loss_value = float(loss)  # the only host sync of this client's step

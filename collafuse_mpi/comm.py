@@ -206,13 +206,19 @@ class MPITransport:
             return tensor.reshape(-1).view(torch.uint8)  # mpi4py reads __cuda_array_interface__
         return self.MPI.buffer.fromaddress(tensor.data_ptr(), nbytes)
 
-    def isend(self, dest: int, kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0) -> Handle:
+    def isend(self, dest: int, kind: int, client: int, step: int, tensor: torch.Tensor, meta: int = 0,
+              sync: bool = False) -> Handle:
+        """sync: the payload goes by Issend, so the handle completes only once the receiver has
+        matched it, whatever protocol the size takes. An eager payload still leaves at once (Open
+        MPI sends it inline and acknowledges it at the match); a plain eager send completes when
+        buffered, which would let a sender run any distance ahead of its receiver."""
         wire = self._wire(tensor)
         header = header_bytes(kind, client, step, wire, meta)
         nbytes = wire.nbytes
         reqs = [self.comm.Isend(header, dest, 2 * kind)]  # _tags(kind), inline: this runs per message
         if nbytes:
-            reqs.append(self.comm.Isend(self._buf(wire, nbytes), dest, 2 * kind + 1))
+            send = self.comm.Issend if sync else self.comm.Isend
+            reqs.append(send(self._buf(wire, nbytes), dest, 2 * kind + 1))
         self.stats.add("sent", kind, dest, nbytes)
         return Handle(reqs, (header, wire), nbytes, self.timeout, self.rank, dest, kind, self.watch)
 

@@ -103,7 +103,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 = off)."""
     max_in_flight: int = 2
-    """Server batches a client may have in flight before it waits for the oldest send."""
+    """Server batches a client may have sent that the server has not yet taken, before it waits."""
+    sync_sends: bool = True
+    """Send training batches by synchronous send (MPI_Issend): a batch counts as in flight until
+    the server has matched it, so max_in_flight bounds how far a client runs ahead whatever the
+    protocol. An eager batch still leaves at once. False: plain sends, which complete once
+    buffered when eager; clients may then run up to 2 * run.stop_check_every steps ahead and
+    rank 0 holds their batches (bench/results/run-ahead.md)."""
     warmup_steps: int = 3
     """Steps marked as warm-up in the results (kept, never dropped)."""
     autocast: str = "off"
@@ -220,8 +226,8 @@ class RunConfig:
     """Raise Open MPI's TCP eager limit (OMPI_MCA_btl_tcp_eager_limit) to hold one training
     message, up to 4 MiB, so that batches from other hosts land while the server computes
     instead of each waiting for a rendezvous handshake; a limit set in the environment is kept.
-    Eager sends complete once buffered, so train.max_in_flight no longer bounds how far clients
-    run ahead over TCP: rank 0 buffers their early batches (see collafuse_mpi/mpi_params.py)."""
+    Training batches go by synchronous send (train.sync_sends), so train.max_in_flight still
+    bounds how many of them rank 0 holds per client (see collafuse_mpi/mpi_params.py)."""
 
 
 @dataclass

@@ -73,7 +73,7 @@ class LoopbackTransport:
     def path(self, device) -> str:
         return "loopback"
 
-    def isend(self, dest, kind, client, step, tensor, meta=0):
+    def isend(self, dest, kind, client, step, tensor, meta=0, sync=False):  # mailboxes: sync is moot
         header = make_header(kind, client, step, tensor, meta)
         payload = tensor.detach().contiguous().clone()
         self._mail.box(self.rank, dest, kind).put((header, payload))

@@ -8,15 +8,20 @@ unshaped and 3.8-4.4 ms at 1 Gbit/s + 200 us between emulated hosts, against 0.0
 the same batch sent eagerly, which lands while the server computes (bench/results/multihost.md).
 
 With `run.tcp_eager` the limit is raised to hold one training message (and one sampling
-message), up to EAGER_CAP. A limit the launch environment set is kept. The price is memory on
-the receiver, and train.max_in_flight does not bound it: an eager send completes once buffered,
-so clients faster than the server run ahead and rank 0 holds their early batches in Open MPI's
-buffers (at 2 Mbit/s clients ran several steps ahead; the stop vote every run.stop_check_every
-steps should bound it, not yet measured). Turn it off (run.tcp_eager = false) for long runs of
-many clients far faster than the server. Other MPI libraries ignore
-the variable; shared memory within a node is unaffected (large messages go by single copy).
+message), up to EAGER_CAP. A limit the launch environment set is kept, and nothing is set (or
+recorded) when MPI was started before the run, by a wrapper that imported mpi4py.MPI first: the
+variable would not be read. The price would be memory on the receiver: a plain eager send
+completes once buffered, so clients faster than the server would run ahead, as far as TCP's
+buffers and the stop vote (2 * run.stop_check_every steps) let them, and rank 0 would hold their
+batches. Clients therefore send training batches by synchronous send (train.sync_sends): the
+batch still leaves at once, inline, but the send completes only when the server has matched it,
+so train.max_in_flight bounds the run-ahead at max_in_flight + 1 steps (bench/results/run-ahead.md).
+Other MPI libraries ignore the variable; shared memory within a node is unaffected (large
+messages go by single copy).
 """
 from __future__ import annotations
+
+import sys
 
 from .comm import HEADER_BYTES
 
@@ -50,3 +55,10 @@ def environment(cfg, environ) -> dict:
         return {}
     limit = eager_limit(cfg)
     return {EAGER_VAR: str(limit)} if limit > 65536 else {}
+
+
+def mpi_started() -> bool:
+    """True when MPI_Init has already run in this process (a wrapper imported mpi4py.MPI before the
+    run's CLI): a variable set now is never read, so the run must not set or record it."""
+    mod = sys.modules.get("mpi4py.MPI")
+    return bool(mod is not None and mod.Is_initialized())

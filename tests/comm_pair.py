@@ -3,6 +3,7 @@
 Rank 0 sends, rank 1 receives and checks; every failed check raises, so the job exits non-zero.
 """
 import sys
+import time
 
 import numpy as np
 import torch
@@ -226,6 +227,28 @@ else:
 if rank == 0:
     world.Barrier()
     assert world.recv(source=1, tag=cm.VOTE_TAG) == 1  # rank 1's unread vote D: nothing left in flight
+world.Barrier()
+
+# 9. sync=True (the client's training batches): the send completes only once the receiver matched it,
+# while a plain send of the same eager size completes unmatched; both land intact
+small = torch.arange(16, dtype=torch.float32)  # 64 bytes: eager on every transport
+if rank == 0:
+    plain = tp.isend(1, cm.TRAIN, 0, 40, small)
+    synced = tp.isend(1, cm.TRAIN, 0, 41, small, sync=True)
+    t_end = time.monotonic() + 0.5  # rank 1 is in a Barrier meanwhile, not receiving TRAIN
+    while time.monotonic() < t_end and not plain.test():
+        time.sleep(0.001)
+    time.sleep(0.05)
+    assert plain.test(), "a plain eager send did not complete before its receive"
+    assert not synced.test(), "a sync send completed before the receiver matched it"
+    world.Barrier()
+    synced.wait()
+    assert synced.test()
+else:
+    world.Barrier()
+    for step in (40, 41):
+        info, got = tp.recv(0, cm.TRAIN)
+        assert info["step"] == step and torch.equal(got, small), (info, got)
 world.Barrier()
 if rank == 1:
     print("all checks passed", flush=True)

@@ -140,3 +140,31 @@ def test_client_images_stay_out_of_the_results_file(three_ranks):
     for c in ("client_0", "client_1"):
         assert set(r["samples"][c]) == {"generated", "server_view"}
     assert r["metrics"]["pooled"]["kid"]["n_real"] == sum(r["ranks"][i]["n_heldout"] for i in (1, 2))
+
+
+def _steps_ahead(run):
+    """The most steps any client had completed beyond the server, at its step ends (rank 0's clock)."""
+    server_end = np.sort(np.asarray(run["ranks"][0]["step_end"]))
+    worst = 0
+    for rk in run["ranks"].values():
+        if rk["role"] == "client":
+            ends = np.asarray(rk["step_end"])
+            worst = max(worst, int(np.max(np.arange(1, ends.size + 1) - np.searchsorted(server_end, ends, "right"))))
+    return worst
+
+
+def test_clients_run_at_most_max_in_flight_ahead(tmp_path):
+    """Cut 0 clients only add noise and send (much faster than the server, which trains on both), with
+    2 KB batches that shared memory sends eagerly: by synchronous send a client waits once
+    max_in_flight batches are untaken, so it is at most max_in_flight + 1 steps ahead. Plain sends
+    complete unmatched and only the stop vote (every 10 steps here) holds them back."""
+    args = [*TINY, "--steps", "30", "--batch-size", "1", "--cut", "0", "--set", "run.flush_every=0",
+            "--set", "run.stop_check_every=10", "--set", "privacy.attacks=none"]
+    ahead = {}
+    for sync in (True, False):
+        out = tmp_path / f"sync{sync}.h5"
+        p = launch(3, [*args, "--set", f"train.sync_sends={str(sync).lower()}", "-o", str(out)])
+        assert p.returncode == 0, p.stderr
+        ahead[sync] = _steps_ahead(_only_run(out))
+    assert ahead[True] <= 2 + 1, ahead
+    assert ahead[False] > 3, ahead  # what the synchronous send prevents

@@ -52,3 +52,32 @@ def test_above_the_cap_the_default_stays():
     c = cfg_with(batch=64, size=128, channels=3)  # 64 * (2 * 49152 + 1) * 4 bytes: 24 MiB
     assert mpi_params.message_bytes(c) > mpi_params.EAGER_CAP
     assert mpi_params.environment(c, {}) == {}
+
+
+def test_a_limit_set_after_mpi_started_is_neither_claimed_nor_recorded(tmp_path):
+    """A wrapper that starts MPI (imports mpi4py.MPI) before the CLI: the variable would never be
+    read, so the run says so and leaves it out of @transport_settings; launched plainly, it is set."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from collafuse_mpi import results
+    from conftest import TINY, launch, mpi_env, mpirun_prefix
+
+    pytest.importorskip("mpi4py")
+    args = [*TINY, "--batch-size", "32", "--set", "privacy.attacks=none"]
+    code = ("import sys; from mpi4py import MPI; from collafuse_mpi.run import cli; "
+            "cli.main(args=sys.argv[1:])")
+    late = tmp_path / "late.h5"
+    p = subprocess.run(mpirun_prefix(3) + [sys.executable, "-c", code, *args, "-o", str(late)],
+                       capture_output=True, text=True, timeout=240, env=mpi_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count(f"MPI started before the run could set {VAR}=69632; it is not in effect") == 1
+    settings = next(iter(results.read(late)["runs"].values())).get("transport_settings", {})
+    assert VAR not in settings
+    plain = tmp_path / "plain.h5"
+    q = launch(3, [*args, "-o", str(plain)])
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert "not in effect" not in q.stderr
+    assert next(iter(results.read(plain)["runs"].values()))["transport_settings"][VAR] == "69632"
