@@ -159,13 +159,19 @@ def previous_comm(c: dict, n: int) -> float:
     return max(c["pred_client_s"] - c["pred_compute_s"], recv)
 
 
+def own_compute_ratio(c: dict) -> float:
+    """The model's pipelined step with the run's own measured compute in place of the calibration's,
+    over the measured step: the link model alone, without what the shared cores did to compute."""
+    return max(c["pred_client_s"], c["pred_recv_s"] + c["meas_compute_s"], c["pred_wire_s"]) / c["meas_step_s"]
+
+
 def row(setting, n, protocol, label, c):
     err = abs(c["pred_comm_s"] - c["meas_comm_s"]) / c["meas_step_s"]
     prev = (f"{previous_comm(c, n) * 1e3:.1f}" if protocol == "eager" else
             f"{c['probe_model_comm_s'] * 1e3:.1f}" if "probe_model_comm_s" in c else "")
     return [setting, n, protocol, label, f"{c['bandwidth_gbit']:g}", f"{c['latency_us']:.0f}",
             f"{c['meas_step_s'] * 1e3:.1f}", f"{c['meas_cadence_s'] * 1e3:.1f}" if "meas_cadence_s" in c else "",
-            f"{c['pred_step_s'] * 1e3:.1f}", f"{c['ratio_step']:.2f}",
+            f"{c['pred_step_s'] * 1e3:.1f}", f"{c['ratio_step']:.2f}", f"{own_compute_ratio(c):.2f}",
             f"{c['meas_comm_s'] * 1e3:.1f}", f"{c['pred_comm_s'] * 1e3:.1f}", f"{c['ratio_comm']:.2f}",
             f"{err * 100:.1f}%", prev, c["bottleneck"]]
 
@@ -185,7 +191,7 @@ def markdown(rec: dict) -> str:
                     continue
                 rows.append(row(st["name"], r["n_clients"], "eager", label, c))
             if r.get("rendezvous_failed"):
-                rows.append([st["name"], r["n_clients"], "rendezvous", "(run failed: see the .json)"] + [""] * 11)
+                rows.append([st["name"], r["n_clients"], "rendezvous", "(run failed: see the .json)"] + [""] * 12)
             rr = r.get("rendezvous")
             if rr:
                 label = ("nominal" if st["rate"] != "none" else "probed") + (
@@ -219,6 +225,9 @@ def markdown(rec: dict) -> str:
           "per-message probe (a rendezvous message's receive less an eager one's, less 2 latencies and wire). "
           "step = the server's step, median over steps after warm-up; cadence = the median interval between "
           "its step starts (the step plus the stop vote and flushes between steps). "
+          "`pred/meas, run's compute`: the same prediction with the run's own measured compute in place "
+          "of the unshaped run's (the hosts share 2 cores, and what else runs on them, delay helpers "
+          "and clients training beside the server, moves the server's compute; no link does that). "
           "comm = the server's recv + wait phases (medians over steps after warm-up); the prediction's comm "
           "is its pipelined step less its compute; `comm error` is |predicted - measured comm| as a share of "
           "the measured step (a ratio of two tenths of a millisecond says little); `previous model`: what "
@@ -226,7 +235,7 @@ def markdown(rec: dict) -> str:
           "from rendezvous ones (every message's wire and 2 latencies on the server's path); for "
           "rendezvous rows, the `+ probe` model's comm.", "",
           common.table(["setting", "N", "protocol", "model link", "Gbit/s", "lat us", "step ms", "cadence ms", "pred ms",
-                        "pred/meas", "comm ms", "pred comm ms", "pred/meas", "comm error / step",
+                        "pred/meas", "pred/meas, run's compute", "comm ms", "pred comm ms", "pred/meas", "comm error / step",
                         "previous model comm ms", "bottleneck (pred)"], rows), "",
           "## The server's receive per client, eager against rendezvous (side by side)", "",
           common.table(["setting", "N", "steps", "eager recv/client ms", "rendezvous recv/client ms", "ratio",
