@@ -3,9 +3,9 @@
 Over TCP, Open MPI sends a message above `btl_tcp_eager_limit` (64 KiB by default) by rendezvous:
 the data leaves the client only after the server has matched the message and answered. The
 server matches a client's training batch when it is done computing, so every batch then costs it
-a handshake and an idle connection's slow start, one client after another: 1.3-1.6 ms per client
-unshaped and 3.8-4.4 ms at 1 Gbit/s + 200 us between emulated hosts, against 0.04-0.07 ms for
-the same batch sent eagerly, which lands while the server computes (bench/results/multihost.md).
+a handshake and an idle connection's slow start, one client after another: 0.95-5.30 ms per
+client between emulated hosts, against 0.06-0.33 ms for the same batch sent eagerly, which lands
+while the server computes (bench/results/multihost.md).
 
 With `run.tcp_eager` the limit is raised to hold one training message (and one sampling
 message), up to EAGER_CAP. A limit the launch environment set is kept, and nothing is set (or
