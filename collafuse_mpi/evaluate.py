@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import metrics
-from .training import derive_seed, global_rng_lock
+from .training import derive_seed, global_rng_lock, to_uint8
 
 
 def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
@@ -17,7 +17,7 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
     if size >= 2:
         seed = derive_seed(client.cfg.run.seed, client.seed_id, "metrics") % (2**31)
         with global_rng_lock:  # kid seeds torch's global generator; loopback roles share it
-            out["kid"] = metrics.kid(real, fake, features=kid_features(client.cfg), subsets=10,
+            out["kid"] = metrics.kid(real, stored(final), features=kid_features(client.cfg), subsets=10,
                                      subset_size=size, seed=seed)
     if server_view is not None:
         abar_k = client.sched.abar[client.k].sqrt().item()
@@ -31,8 +31,14 @@ def client_features(client, final: torch.Tensor) -> dict:
     """Feature vectors (never images) of the held-out set and the samples, for the pooled KID."""
     real = torch.from_numpy(client.data.heldout)
     fs = kid_features(client.cfg)
-    return {"real": metrics.extract_features(real, fs), "fake": metrics.extract_features(final.detach().cpu().float(), fs),
+    return {"real": metrics.extract_features(real, fs), "fake": metrics.extract_features(stored(final), fs),
             "feature_set": fs}
+
+
+def stored(final: torch.Tensor) -> torch.Tensor:
+    """The samples as the results file holds them (uint8): KID scores those images, so it can be
+    recomputed from the file and does not move with float noise below one grey level."""
+    return torch.from_numpy(to_uint8(final)).float() / 127.5 - 1.0
 
 
 def kid_features(cfg) -> str:

@@ -56,10 +56,11 @@ def one_thread():
 
 
 def assert_same_kid(a: dict, b: dict, images_a, images_b):
-    """KIDs of two runs that should agree. The unbiased MMD^2 is a difference of large cubic-kernel
-    sums in float32, so feature rounding (thread counts differ between MPI and loopback runs) moves
-    it: 1.4e-4 apart was seen for identical samples, 0.15-0.2% for samples 1 uint8 level apart
-    in a few pixels."""
+    """KIDs of two runs that should agree. KID scores the stored uint8 samples, so identical samples
+    are identical inputs; the unbiased MMD^2 is a difference of large cubic-kernel sums in float32,
+    so feature rounding (thread counts differ between MPI and loopback runs) still moves it:
+    1.4e-4 apart was seen for identical samples, 0.15-0.2% for samples 1 uint8 level apart in a
+    few pixels."""
     import numpy as np
 
     same = np.array_equal(np.asarray(images_a), np.asarray(images_b))
