@@ -19,7 +19,8 @@ import numpy as np
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
-RESULTS = os.path.join(BENCH, "results")
+# where records go: bench/results, or COLLAFUSE_BENCH_RESULTS (bench/gpu.sh collects its own there)
+RESULTS = os.environ.get("COLLAFUSE_BENCH_RESULTS") or os.path.join(BENCH, "results")
 if REPO not in sys.path:  # `python bench/x.py` puts bench/ first on sys.path, not the repo
     sys.path.insert(0, REPO)
 

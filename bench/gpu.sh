@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results/gpu}
 mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d /tmp/cf-gpu.XXXXXX)
+export COLLAFUSE_BENCH_RESULTS="$WORK"  # the bench records land beside the results file, not in the tree
 LOG="$OUT_DIR/gpu-log.txt"
 exec > >(tee "$LOG") 2>&1
 PY=${PYTHON:-python3}
@@ -77,8 +78,6 @@ run_cli $((CLIENTS8 + 1)) "$STEPS8" throughput
 step plot 120 "$PY" -m collafuse_mpi.plot "$H5" -o "$WORK/figures"
 step summary 60 "$PY" bench/gpu_summary.py "$H5" -o "$OUT_DIR/$NAME-summary.md"
 
-cp bench/results/"$NAME"-*.json bench/results/"$NAME"-*.md "$WORK"/ 2>/dev/null
-[ "$NAME" = smoke ] && rm -f bench/results/smoke-*  # a check of this script, not a record
 tar -czf "$OUT_DIR/$NAME-results.tar.gz" --exclude="*-models" -C "$WORK" . && echo "gpu: wrote $OUT_DIR/$NAME-results.tar.gz"
 rm -rf "$WORK"
 if [ ${#failed[@]} -gt 0 ]; then

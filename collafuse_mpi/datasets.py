@@ -126,17 +126,34 @@ def _batch_to_u8(a: np.ndarray, size: int, channels: int, where: str, rule="whol
 
 # ---- sources: each returns (labels, fetch); fetch(indices) decodes only those images ----
 
-def _digits(cfg: DataConfig):
-    from sklearn.datasets import load_digits
+def digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images [1797, 8, 8] float, 0..16; labels): its own data file,
+    read as load_digits reads it, without importing scikit-learn (seconds per rank at start-up)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") \
+        if spec is not None and spec.origin else ""
+    if os.path.isfile(path):
+        with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+            data = np.loadtxt(fh, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits  # another layout: the loader itself
     d = load_digits()
-    imgs, side = d.images.astype(np.float32), (cfg.image_size, cfg.image_size)  # 8x8, 0..16
+    return d.images, d.target
+
+
+def _digits(cfg: DataConfig):
+    images, target = digits_table()
+    imgs, side = images.astype(np.float32), (cfg.image_size, cfg.image_size)  # 8x8, 0..16
 
     def fetch(idx):
         out = np.stack([np.asarray(Image.fromarray(imgs[i]).resize(side, Image.BILINEAR))
                         for i in idx])
         out = np.clip(out / 8.0 - 1.0, -1.0, 1.0).astype(np.float32)[:, None]
         return np.repeat(out, cfg.channels, axis=1)
-    return d.target.astype(np.int64), fetch
+    return target.astype(np.int64), fetch
 
 
 def _shape_mask(kind: int, x, y, cx, cy, r):
