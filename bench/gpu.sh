@@ -39,11 +39,12 @@ fi
 MPIRUN="mpirun $CF_MPIRUN_FLAGS"
 
 if [ "${CF_GPU_SMOKE:-0}" = 1 ]; then
-    DEVICE=cpu QUICK=--quick ITERS=3 STEPS2=6 STEPS8=4 CLIENTS8=4 EXTRA="--batch-size 4 --timesteps 10 --sample-steps 4 --samples-per-client 4"
-    SMALL_BATCH=8  # the small preset's bf16 step is slow on a CPU: the smoke run checks the path, not speed
+    DEVICE=cpu QUICK=--quick ITERS=2 STEPS2=6 STEPS8=4 CLIENTS8=3 EXTRA="--batch-size 4 --timesteps 10 --sample-steps 4 --samples-per-client 4"
+    SMALL_BATCH=2  # the small preset's bf16 step is slow on a CPU: the smoke run checks the path, not speed
+    FUSED="--clients 2,4 --warmup 1"
     NAME=smoke
 else
-    DEVICE=cuda QUICK= ITERS=30 STEPS2=300 STEPS8=150 CLIENTS8=8 EXTRA= SMALL_BATCH=64
+    DEVICE=cuda QUICK= ITERS=30 STEPS2=300 STEPS8=150 CLIENTS8=8 EXTRA= SMALL_BATCH=64 FUSED=
     NAME=gpu
 fi
 failed=()
@@ -60,7 +61,7 @@ step info 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,
     $PY -c 'import torch, mpi4py, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.is_available(), mpi4py.__version__)'; \
     $MPIRUN -n 1 $PY -c 'from collafuse_mpi import comm; from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0]); print(\"cuda-aware:\", comm.cuda_aware_mpi())'"
 step transport 240 $MPIRUN -n 2 "$PY" bench/transport.py --name "$NAME-transport" $QUICK --no-diagnostics
-step fused_server 150 "$PY" bench/fused_server.py --device "$DEVICE" --name "$NAME-fused_server" --iters "$ITERS"
+step fused_server 150 "$PY" bench/fused_server.py --device "$DEVICE" --name "$NAME-fused_server" --iters "$ITERS" $FUSED
 step precision 90 "$PY" bench/precision.py --device "$DEVICE" --name "$NAME-precision" --iters "$ITERS"
 step precision_small 120 "$PY" bench/precision.py --device "$DEVICE" --name "$NAME-precision-small" --iters "$ITERS" \
     --preset small --image-size 32 --batch-size "$SMALL_BATCH"

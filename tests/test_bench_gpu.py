@@ -28,8 +28,8 @@ def test_gpu_script_smoke_runs_every_step_and_counts_the_images(tmp_path):
     assert not list((REPO / "bench" / "results").glob("smoke-*")), "a smoke run must not leave records"
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in (tmp_path / "smoke-summary.md").read_text().splitlines() if line.startswith("| n")}
-    assert set(rows) == {"n2-attribution", "n2-throughput", "n4-attribution", "n4-throughput"}
-    # 2 clients x batch 4 x (6 steps - 3 warm-up); 4 clients x 4 x (4 - 3)
-    assert rows["n2-attribution"][6] == str(2 * 4 * 3) and rows["n4-throughput"][6] == str(4 * 4 * 1)
+    assert set(rows) == {"n2-attribution", "n2-throughput", "n3-attribution", "n3-throughput"}
+    # 2 clients x batch 4 x (6 steps - 3 warm-up); 3 clients x 4 x (4 - 3)
+    assert rows["n2-attribution"][6] == str(2 * 4 * 3) and rows["n3-throughput"][6] == str(3 * 4 * 1)
     for cells in rows.values():  # no meter is "n/a", never a zero
         assert (cells[9] == "n/a") == (cells[5] == "unavailable"), cells
