@@ -35,8 +35,9 @@ import time
 import numpy as np
 
 import common
-import projection
+import link_model
 import run_ahead
+from projection_inputs import analyse_run
 
 from collafuse_mpi import comm, mpi_params, results  # noqa: E402
 from collafuse_mpi.config import Config  # noqa: E402
@@ -107,7 +108,7 @@ def run_cli(n_clients: int, steps: int, batch: int, out: str, extra=()) -> dict:
     if p.returncode != 0:
         raise RunFailed(f"run failed ({p.returncode}): {p.stdout[-1500:]}{p.stderr[-1500:]}")
     name, run = next(iter(results.read(out)["runs"].items()))
-    a = projection.analyse_run(name, run, out)
+    a = analyse_run(name, run, out)
     a["wall_s"] = wall
     a["command"] = "scripts/netns-cluster.sh " + " ".join(args[:-1] + ["OUT.h5"]).replace(sys.executable, "python")
     a["peers_rank0"] = {k: np.asarray(v).tolist() for k, v in run["ranks"][0].get("peers", {}).items()}
@@ -118,13 +119,13 @@ def run_cli(n_clients: int, steps: int, batch: int, out: str, extra=()) -> dict:
 
 
 def model_params(cal: dict, n: int, batch: int, eager_limit: int) -> dict:
-    """projection.project()'s parameters from the unshaped run at the same N; eager_limit: the
+    """link_model.project()'s parameters from the unshaped run at the same N; eager_limit: the
     one the measured run used."""
     s = cal["server"]
     msg = cal["message_bytes_measured"] or cal["message_bytes_formula"]
     return {"a_s": 0.0, "b_s": s["compute_s"] / max(s["images_per_step"], 1), "batch": batch,
             "client_s": cal["client_own_step_s"], "host_s": s["recv_per_client_s"], "message_bytes": msg,
-            "latency_msgs": projection.latency_msgs(msg - projection.HEADER_BYTES, eager_limit),
+            "latency_msgs": link_model.latency_msgs(msg - link_model.HEADER_BYTES, eager_limit),
             "server_speedup": 1.0, "client_speedup": 1.0}
 
 
@@ -137,7 +138,7 @@ def handshake(link: dict, p: dict, bw_gbit: float, lat_us: float) -> float:
 
 
 def compare(run: dict, p: dict, n: int, bw_gbit: float, lat_us: float) -> dict:
-    pred = projection.project(p, n, bw_gbit, lat_us)
+    pred = link_model.project(p, n, bw_gbit, lat_us)
     s = run["server"]
     comm = s["recv_s"] + s["wait_s"]  # the server's step less its compute and io: what the link and clients cost
     pred_comm = pred["step_s"]["pipelined"] - pred["compute_s"]
@@ -203,7 +204,7 @@ def markdown(rec: dict) -> str:
                              f"{rr['server']['recv_per_client_s'] * 1e3:.2f}",
                              f"{rr['server']['recv_per_client_s'] / r['server']['recv_per_client_s']:.0f}",
                              ms(r["server"]["step_s"]), ms(rr["server"]["step_s"]), *ahead])
-    md = [f"# multihost: the projection checked over emulated hosts", "",
+    md = ["# multihost: the projection checked over emulated hosts", "",
           f"Command: `{rec['command']}`  ", f"Elapsed: {rec['elapsed_s']:.0f} s", "",
           "## Machine", "", common.machine_md(rec["machine"]), "",
           "## Links as probed (host 2 -> host 1)", "",
@@ -348,7 +349,7 @@ def main(argv=None):
                     if rate == "none":
                         cal_rndv[n] = rr
                     m_bw, m_lat = (bw, lat) if bw is not None else (probed_bw, probed_lat)
-                    pr = dict(p, latency_msgs=projection.latency_msgs(payload, rr["eager_limit"]),
+                    pr = dict(p, latency_msgs=link_model.latency_msgs(payload, rr["eager_limit"]),
                               handshake_s=handshake(link, p, m_bw, m_lat))
                     probe_model = compare(rr, pr, n, m_bw, m_lat)
                     if n in cal_rndv:
