@@ -70,14 +70,14 @@ def test_a_limit_set_after_mpi_started_is_neither_claimed_nor_recorded(tmp_path)
     code = ("import sys; from mpi4py import MPI; from collafuse_mpi.run import cli; "
             "cli.main(args=sys.argv[1:])")
     late = tmp_path / "late.h5"
-    p = subprocess.run(mpirun_prefix(3) + [sys.executable, "-c", code, *args, "-o", str(late)],
+    p = subprocess.run(mpirun_prefix(2) + [sys.executable, "-c", code, *args, "-o", str(late)],
                        capture_output=True, text=True, timeout=240, env=mpi_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count(f"MPI started before the run could set {VAR}=69632; it is not in effect") == 1
     settings = next(iter(results.read(late)["runs"].values())).get("transport_settings", {})
     assert VAR not in settings
     plain = tmp_path / "plain.h5"
-    q = launch(3, [*args, "-o", str(plain)])
+    q = launch(2, [*args, "-o", str(plain)])
     assert q.returncode == 0, q.stderr[-3000:]
     assert "not in effect" not in q.stderr
     assert next(iter(results.read(plain)["runs"].values()))["transport_settings"][VAR] == "69632"
