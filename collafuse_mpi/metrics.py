@@ -49,9 +49,9 @@ def inception_weights_path() -> str:
 
 def _inception_problem() -> str | None:
     """Why the Inception feature set cannot be built offline, or None if it can. No network."""
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    import importlib.util
 
-    if not bool(_TORCH_FIDELITY_AVAILABLE):
+    if importlib.util.find_spec("torch_fidelity") is None:
         return ("torch-fidelity is not installed "
                 "(pip install --no-deps torch-fidelity, see docs/metrics.md)")
     try:  # torch-fidelity imports torchvision and tqdm at package import
@@ -143,8 +143,6 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
     subset draws (done in a forked RNG: the caller's global RNG state is left untouched); the
     random-conv extractor is always the same network.
     """
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     for name, t in (("real", real), ("fake", fake)):
         if t.ndim != 4 or t.shape[1] not in (1, 3):
             raise ValueError(f"{name}: expected [N, 1 or 3, H, W] images, got {tuple(t.shape)}")
@@ -158,18 +156,23 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
     if subset_size > min(n_real, n_fake):
         raise ValueError(f"subset_size {subset_size} > number of images "
                          f"(n_real={n_real}, n_fake={n_fake})")
+    if fs != "inception":  # torchmetrics' KID computation on our own extractor, without importing it
+        net, prep = _extractor(fs)
+        with torch.no_grad():
+            real_f, fake_f = (torch.cat([net(prep(imgs[i:i + _CHUNK].detach().cpu()))
+                                         for i in range(0, imgs.shape[0], _CHUNK)]) for imgs in (real, fake))
+        mean, std = _subset_kid(real_f, fake_f, subsets, subset_size, seed)
+        return {"mean": float(mean), "std": float(std), "features": fs,
+                "n_real": int(n_real), "n_fake": int(n_fake)}
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        if fs == "inception":
-            metric = KernelInceptionDistance(feature=2048, subsets=subsets, subset_size=subset_size)
-            prep = _to_uint8_rgb
-        else:
-            net, prep = _extractor(fs)
-            metric = KernelInceptionDistance(feature=net, subsets=subsets, subset_size=subset_size)
+        metric = KernelInceptionDistance(feature=2048, subsets=subsets, subset_size=subset_size)
     with torch.no_grad():
         for imgs, is_real in ((real, True), (fake, False)):
             for i in range(0, imgs.shape[0], _CHUNK):
-                metric.update(prep(imgs[i:i + _CHUNK].detach().cpu()), real=is_real)
+                metric.update(_to_uint8_rgb(imgs[i:i + _CHUNK].detach().cpu()), real=is_real)
         # torchmetrics draws subsets with torch.randperm on the global CPU generator: seed it inside
         # a fork (only the CPU one, so a caller's CUDA RNG is not reseeded either), one caller at a
         # time (roles run as threads of one process in loopback runs: the generator is shared)
@@ -196,20 +199,38 @@ def extract_features(images: Tensor, features: str = "auto", dataset: str | None
 def kid_from_features(real_f: Tensor, fake_f: Tensor, subsets: int = 10,
                       subset_size: int | None = None, seed: int = 0) -> dict:
     """KID from precomputed features: the same unbiased polynomial-kernel MMD as `kid`."""
-    from torchmetrics.image.kid import poly_mmd
     n = min(real_f.shape[0], fake_f.shape[0])
     subset_size = subset_size or min(n, 1000)
     if subset_size < 2 or subset_size > n:
         raise ValueError(f"subset_size must be in [2, {n}], got {subset_size}")
+    mean, std = _subset_kid(real_f, fake_f, subsets, subset_size, seed)
+    return {"mean": float(mean), "std": float(std),
+            "n_real": int(real_f.shape[0]), "n_fake": int(fake_f.shape[0])}
+
+
+def _subset_kid(real_f: Tensor, fake_f: Tensor, subsets: int, subset_size: int, seed: int):
+    """Mean and (population) std of the MMD^2 over random subsets, drawn as torchmetrics draws
+    them (a real permutation, then a fake one, per subset) from a generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)
     scores = []
     for _ in range(subsets):
         r = real_f[torch.randperm(real_f.shape[0], generator=g)[:subset_size]]
         f = fake_f[torch.randperm(fake_f.shape[0], generator=g)[:subset_size]]
-        scores.append(poly_mmd(r, f, 3, None, 1.0))
+        scores.append(mmd2_cubic(r, f))
     scores = torch.stack(scores)
-    return {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False)),
-            "n_real": int(real_f.shape[0]), "n_fake": int(fake_f.shape[0])}
+    return scores.mean(), scores.std(unbiased=False)
+
+
+def mmd2_cubic(x: Tensor, y: Tensor) -> Tensor:
+    """Unbiased MMD^2 of two equal-size feature sets under k(a, b) = (a.b / d + 1)^3, summed in the
+    order torchmetrics' poly_mmd sums (the same float result)."""
+    gamma, m = 1.0 / x.shape[1], x.shape[0]
+    kxx, kyy, kxy = ((u @ v.T * gamma + 1.0) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+    sxx = (kxx.sum(dim=-1) - torch.diag(kxx)).sum()
+    syy = (kyy.sum(dim=-1) - torch.diag(kyy)).sum()
+    value = (sxx + syy) / (m * (m - 1))
+    value -= 2 * kxy.sum(dim=0).sum() / (m ** 2)
+    return value
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
@@ -231,13 +252,12 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
 
 
 def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-image SSIM, shape [N] (torchmetrics, gaussian window, sigma 1.5 -> 11x11).
+    """Per-image SSIM, shape [N]: torchmetrics' definition (gaussian window, sigma 1.5 -> 11x11),
+    computed here (importing torchmetrics costs every rank seconds at start-up).
 
     torchmetrics sizes the gaussian window from sigma (2*int(3.5*sigma+0.5)+1), so for images
     smaller than 11 px the window is shrunk by scaling sigma to the largest odd size that fits.
     """
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     _check_pair(a, b)
     side = min(a.shape[-2:])
     k, sigma = 11, 1.5
@@ -247,9 +267,27 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 2.0) -> Tensor:
             raise ValueError(f"SSIM needs images of at least 3x3, got {tuple(a.shape[-2:])}")
         sigma = 1.5 * k / 11
     # float64: SSIM of identical images comes out as 1 to ~1e-12, not ~1e-6
-    return structural_similarity_index_measure(
-        a.double(), b.double(), gaussian_kernel=True, sigma=sigma, kernel_size=k,
-        data_range=data_range, reduction="none").to(torch.float32)
+    return _gaussian_ssim(a.double(), b.double(), sigma, data_range).to(torch.float32)
+
+
+def _gaussian_ssim(a: Tensor, b: Tensor, sigma: float, data_range: float) -> Tensor:
+    """torchmetrics' structural_similarity_index_measure (gaussian window sized from sigma,
+    reflect padding, k1 = 0.01, k2 = 0.03, mean over every pixel), per image."""
+    size = int(3.5 * sigma + 0.5) * 2 + 1
+    pad, channels = (size - 1) // 2, a.shape[1]
+    d = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=a.dtype, device=a.device)
+    g = torch.exp(-torch.pow(d / sigma, 2) / 2)
+    g = (g / g.sum()).unsqueeze(0)
+    kernel = torch.matmul(g.t(), g).expand(channels, 1, size, size)
+    a, b = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (a, b))
+    out = F.conv2d(torch.cat((a, b, a * a, b * b, a * b)), kernel, groups=channels).split(a.shape[0])
+    mu_a2, mu_b2, mu_ab = out[0].pow(2), out[1].pow(2), out[0] * out[1]
+    var_a = torch.clamp(out[2] - mu_a2, min=0.0)
+    var_b = torch.clamp(out[3] - mu_b2, min=0.0)
+    cov = out[4] - mu_ab
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    full = ((2 * mu_ab + c1) * (2 * cov + c2)) / ((mu_a2 + mu_b2 + c1) * (var_a + var_b + c2))
+    return full.reshape(full.shape[0], -1).mean(-1)
 
 
 def sampling_disclosure(server_view: Tensor, final: Tensor) -> dict:
