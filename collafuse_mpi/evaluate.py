@@ -16,7 +16,7 @@ def evaluate_client(client, final: torch.Tensor, server_view) -> dict:
     size = min(len(real), len(fake))
     if size >= 2:
         seed = derive_seed(client.cfg.run.seed, client.seed_id, "metrics") % (2**31)
-        with global_rng_lock:  # kid seeds torch's global generator; loopback roles share it
+        with global_rng_lock:  # the Inception KID seeds torch's global generator; loopback roles share it
             out["kid"] = metrics.kid(real, stored(final), features=kid_features(client.cfg), subsets=10,
                                      subset_size=size, seed=seed)
     if server_view is not None:
