@@ -158,9 +158,7 @@ def kid(real: Tensor, fake: Tensor, features: str = "auto", subsets: int = 10,
                          f"(n_real={n_real}, n_fake={n_fake})")
     if fs != "inception":  # torchmetrics' KID computation on our own extractor, without importing it
         net, prep = _extractor(fs)
-        with torch.no_grad():
-            real_f, fake_f = (torch.cat([net(prep(imgs[i:i + _CHUNK].detach().cpu()))
-                                         for i in range(0, imgs.shape[0], _CHUNK)]) for imgs in (real, fake))
+        real_f, fake_f = _features(net, prep, real), _features(net, prep, fake)
         mean, std = _subset_kid(real_f, fake_f, subsets, subset_size, seed)
         return {"mean": float(mean), "std": float(std), "features": fs,
                 "n_real": int(n_real), "n_fake": int(n_fake)}
@@ -191,9 +189,13 @@ def extract_features(images: Tensor, features: str = "auto", dataset: str | None
         net, prep = KernelInceptionDistance(feature=2048).inception, _to_uint8_rgb
     else:
         net, prep = _extractor(fs)
+    return _features(net, prep, images).double()
+
+
+def _features(net, prep, images: Tensor) -> Tensor:
+    """[N, D] features in chunks of _CHUNK images (bounds memory; the result does not depend on it)."""
     with torch.no_grad():
-        parts = [net(prep(images[i:i + _CHUNK].detach().cpu())) for i in range(0, images.shape[0], _CHUNK)]
-    return torch.cat(parts).double()
+        return torch.cat([net(prep(images[i:i + _CHUNK].detach().cpu())) for i in range(0, images.shape[0], _CHUNK)])
 
 
 def kid_from_features(real_f: Tensor, fake_f: Tensor, subsets: int = 10,
