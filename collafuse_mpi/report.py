@@ -138,7 +138,6 @@ def write_ranks(writer, name, everyone):
 
 
 def finish(writer, name, everyone, cfg, pooled: dict):
-    write_ranks(writer, name, everyone)
     from .privacy import pool, summary_line
     clients = sorted((i, c) for r in everyone for i, c in r.get("clients", {}).items())
     metrics = {f"client_{i}": dict(c["metrics"], bytes=c.get("bytes", {}), k=c["k"], n_train=c["n_train"],
@@ -153,11 +152,13 @@ def finish(writer, name, everyone, cfg, pooled: dict):
             privacy["cost"] = everyone[0]["privacy_cost"]
         metrics.setdefault("pooled", {})["privacy"] = privacy
         headline = {f"disclosure_{k}": v for k, v in privacy.get("headline", {}).items()}
-    writer.write_group(name, "metrics", metrics)
-    writer.write_group(name, "samples", {f"client_{i}": c["samples"] for i, c in clients})
-    writer.update_run(name, status="complete", end_time=_now(), **headline,
-                      hosts=[r["host"] for r in everyone],
-                      rank_device_map=[r["device"] for r in everyone])
+    with writer.batch():  # a run is "complete" with all of its data, or not at all
+        write_ranks(writer, name, everyone)
+        writer.write_group(name, "metrics", metrics)
+        writer.write_group(name, "samples", {f"client_{i}": c["samples"] for i, c in clients})
+        writer.update_run(name, status="complete", end_time=_now(), **headline,
+                          hosts=[r["host"] for r in everyone],
+                          rank_device_map=[r["device"] for r in everyone])
     # printed even with --quiet: a job's log must say where its results went
     if attacked:
         print(f"collafuse_mpi: {summary_line(metrics['pooled']['privacy'])}", flush=True)

@@ -1,17 +1,20 @@
 """HDF5 results: writer (rank 0 only) and reader. No torch: the plot command runs without it.
 
-The file is opened, written and closed for each update, so a crash between updates leaves a
-complete, readable file. Layout: docs/results-schema.md.
+Each update is made on a copy that replaces the file in one rename (h5file.update), so a
+process killed at any moment leaves a complete, readable file: as it was before that update
+or after it. Layout: docs/results-schema.md.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-import time
 
 import h5py
 import numpy as np
+
+from . import h5file
 
 FORMAT = "collafuse_mpi-results"
 SCHEMA_VERSION = 1
@@ -34,40 +37,17 @@ def _attr(v):
     return "" if v is None else v
 
 
-LOCK_WAIT_S = 120.0  # how long a writer waits for a file another process holds open (HDF5's lock)
+LOCK_WAIT_S = 120.0  # how long a writer waits for a file another process holds (HDF5's lock, another run)
 
 
-def _locked(exc: OSError) -> bool:
-    return isinstance(exc, BlockingIOError) or "unable to lock file" in str(exc)
-
-
-def _being_created(path: str) -> bool:
-    """A file too short to hold an HDF5 superblock, written seconds ago: another process is
-    creating it and has not taken its lock yet."""
+@contextlib.contextmanager
+def _held(path: str):
+    """Turns a lock held past LOCK_WAIT_S into the reason, named."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return st.st_size < 2048 and time.time() - st.st_mtime < 5
-
-
-def open_locked(path: str, mode: str) -> h5py.File:
-    """h5py.File(path, mode), waiting while another process holds the file (a reader without
-    locking off, another run appending): fails with that reason, never a false one."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    pause = 0.05
-    while True:
-        try:
-            return h5py.File(path, mode)
-        except OSError as exc:
-            raced = isinstance(exc, FileExistsError) or "errno = 17" in str(exc)  # "a" created it just after another
-            if not (_locked(exc) or raced or _being_created(path)):
-                raise
-            if time.monotonic() > deadline:
-                raise ResultsError(f"{path} is held open by another process (HDF5 file lock) for more than "
-                                   f"{LOCK_WAIT_S:g} s; close it (or end that run) and retry") from None
-        time.sleep(pause)
-        pause = min(pause * 2, 0.5)
+        yield
+    except h5file.Held:
+        raise ResultsError(f"{path} is held open by another process (HDF5 file lock) for more than "
+                           f"{LOCK_WAIT_S:g} s; close it (or end that run) and retry") from None
 
 
 SPACE_MARGIN = 256 * 1024  # room HDF5 needs beyond the data for an update (metadata, B-trees)
@@ -84,37 +64,60 @@ def _nbytes(value) -> int:
 class ResultsWriter:
     def __init__(self, path: str, if_exists: str = "fail"):
         self.path = path
-        if os.path.exists(path):
+        self._batch = None  # the open copy while a batch() is under way
+        if os.path.exists(path) and os.path.getsize(path) and if_exists != "overwrite":
             if if_exists == "fail":
                 raise ResultsError(f"{path} exists; choose append or overwrite")
-            if if_exists == "append":
+            with _held(path), h5file.locked(path, LOCK_WAIT_S):  # waits while another process holds it
                 try:
-                    with open_locked(path, "r") as f:
+                    with h5py.File(path, "r", locking=False) as f:
                         _check_format(f, path)
                 except ResultsError:
                     raise
                 except OSError:
                     raise ResultsError(f"{path} exists and is not an HDF5 file; refusing to append") from None
-        # append creates a missing file under the lock ("a"), so two runs starting at once never
-        # truncate each other's; only overwrite replaces ("w")
-        if if_exists == "append" and os.path.exists(path):
-            return  # a results file already, checked above: nothing to write yet
+            return  # a results file already: nothing to write yet
+        # a missing (or empty) file is created under the lock, so two runs appending to a new
+        # file at once never replace each other's; only overwrite starts from nothing
         self._room()
-        with open_locked(path, "a" if if_exists == "append" else "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
+        with self._update(fresh=if_exists == "overwrite") as f:
+            if f.attrs.get("format") != FORMAT:
+                f.attrs["format"] = FORMAT
+                f.attrs["schema_version"] = SCHEMA_VERSION
             f.require_group("runs")
 
-    def _open(self, payload=None):
-        """The file for one update, once there is room for it. A full disk met inside HDF5 can
-        leave the file damaged (earlier runs too), so the update is refused before it starts
-        when the free space could not take it. A reader (the plot command) or another run may
-        hold the file for a moment: wait for it."""
+    @contextlib.contextmanager
+    def _update(self, payload=None, fresh: bool = False):
+        """The file for one update, once there is room for it and for the copy the update is
+        made on (h5file.update). A reader (the plot command) or another run may hold the file
+        for a moment: wait for it."""
         self._room(payload)
-        return open_locked(self.path, "a")
+        if self._batch is not None:
+            yield self._batch
+            return
+        with _held(self.path), h5file.update(self.path, LOCK_WAIT_S, fresh) as f:
+            yield f
+
+    @contextlib.contextmanager
+    def batch(self):
+        """The writes inside made as one update: the file gets all of them or none of them
+        (a flush of every rank, the end of a run), for the cost of one copy."""
+        if self._batch is not None:
+            yield
+            return
+        with self._update() as f:
+            self._batch = f
+            try:
+                yield
+            finally:
+                self._batch = None
 
     def _room(self, payload=None):
-        need = SPACE_MARGIN + 2 * _nbytes(payload)
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = 0
+        need = SPACE_MARGIN + size + 2 * _nbytes(payload)
         try:
             st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
             free = st.f_bavail * st.f_frsize
@@ -125,7 +128,7 @@ class ResultsWriter:
                                         f"{need // 1024} KiB, {free // 1024} KiB free; nothing written)")
 
     def begin_run(self, name: str, config: dict, meta: dict) -> str:
-        with self._open() as f:
+        with self._update() as f:
             runs = f["runs"]
             base, i = name, 1
             while name in runs:
@@ -139,18 +142,18 @@ class ResultsWriter:
         return name
 
     def update_run(self, name: str, **attrs):
-        with self._open() as f:
+        with self._update() as f:
             for k, v in attrs.items():
                 f["runs"][name].attrs[k] = _attr(v)
 
     def run_status(self, name: str) -> str:
         """The @status of a run group (KeyError when there is no such run)."""
-        with self._open() as f:
+        with h5py.File(self.path, "r", locking=False) as f:  # a rename replaces the file whole
             v = f["runs"][name].attrs.get("status", "")
         return v.decode() if isinstance(v, bytes) else str(v)
 
     def write_rank(self, name: str, rank: int, arrays: dict, attrs: dict):
-        with self._open(arrays) as f:
+        with self._update(arrays) as f:
             ranks = f["runs"][name].require_group("ranks")
             key = str(rank)
             if key in ranks:
@@ -163,7 +166,7 @@ class ResultsWriter:
 
     def write_group(self, name: str, sub: str, data: dict):
         """Nested dicts of arrays/scalars under runs/<name>/<sub> (metrics, samples, comm)."""
-        with self._open(data) as f:
+        with self._update(data) as f:
             run = f["runs"][name]
             if sub in run:
                 del run[sub]
@@ -216,10 +219,12 @@ def _unopenable(path: str, exc: OSError) -> str:
     lock, so a running job holding the file is never the reason)."""
     try:
         with open(path, "rb") as fh:
-            signed = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+            head = fh.read(8)
     except OSError:
-        signed = False
-    if not signed:
+        head = b""
+    if head == b"" and os.path.exists(path) and os.path.getsize(path) == 0:
+        return f"{path} is empty (a run that is creating it has not written it yet, or was killed first)"
+    if head != b"\x89HDF\r\n\x1a\n":
         return f"{path} is not an HDF5 file"
     return f"{path} is an HDF5 file but damaged or truncated (h5py: {str(exc).splitlines()[0][:200]})"
 

@@ -210,8 +210,9 @@ class Flusher:
             everyone = self.tp.gather_obj(part, what=f"in the results flush after step {step + 1}")
             if self.tp.rank == 0:
                 from .report import write_ranks
-                write_ranks(self.writer, self.run_name, everyone)
-                self.writer.update_run(self.run_name, steps_written=step + 1)
+                with self.writer.batch():
+                    write_ranks(self.writer, self.run_name, everyone)
+                    self.writer.update_run(self.run_name, steps_written=step + 1)
 
 
 def _save(cfg, tp, name: str, obj, timer, run_name: str):

@@ -144,3 +144,91 @@ def results_error(path):
     with pytest.raises(results.ResultsError) as err:
         results.read(str(path))
     return str(err.value)
+
+
+_REWRITER = """
+import sys
+import numpy as np
+from collafuse_mpi import results
+w = results.ResultsWriter(sys.argv[1], "append")
+name = w.begin_run("busy", {}, {})
+print("writing", flush=True)
+for i in range(100000):
+    w.write_rank(name, 1, {"loss": np.random.rand(20000 + i), "phase_seconds": np.random.rand(2000, 8)}, {})
+    w.update_run(name, steps_written=i + 1)
+"""
+
+
+def test_a_writer_killed_mid_update_leaves_the_file_readable(tmp_path):
+    """SIGKILL at arbitrary moments of a process that rewrites a run group over and over: the
+    file always reads, with the earlier run whole, and the killed run as of its last update."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    path = tmp_path / "r.h5"
+    w = _writer(path)
+    name = w.begin_run("earlier", {}, {})
+    w.write_rank(name, 1, {"loss": np.arange(1000.0)}, {})
+    w.update_run(name, status="complete")
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        p = subprocess.Popen([sys.executable, "-c", _REWRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "writing"
+        time.sleep(rng.uniform(0.05, 0.6))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        runs = results.read(path)["runs"]
+        np.testing.assert_array_equal(runs["earlier"]["ranks"][1]["loss"], np.arange(1000.0))
+        busy = [r for n, r in runs.items() if n.startswith("busy")]
+        assert len(busy) == trial + 1 and all(r["status"] == "running" for r in busy)
+        for r in busy:  # what an update wrote, it wrote whole
+            if 1 in r.get("ranks", {}):
+                assert r["ranks"][1]["phase_seconds"].shape == (2000, 8)
+    assert _writer(path, "append").begin_run("after", {}, {}) == "after"  # a stale copy is no obstacle
+
+
+def test_an_update_that_fails_midway_changes_nothing(tmp_path):
+    path = tmp_path / "r.h5"
+    w = _writer(path)
+    name = w.begin_run("a", {}, {})
+    w.write_group(name, "metrics", {"kid": np.arange(3.0)})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):  # "ok" is written first, then the object array fails
+        w.write_group(name, "metrics", {"ok": np.arange(5.0), "bad": np.array([object()])})
+    assert path.read_bytes() == before
+    assert list(results.read(path)["runs"]["a"]["metrics"]) == ["kid"]
+    assert not (tmp_path / "r.h5.tmp").exists()
+
+
+def test_rewritten_groups_reuse_the_space_of_the_old_ones(tmp_path):
+    """A flush rewrites each rank's group, a little longer each time; the file keeps the space
+    the old groups freed for the new ones, so it stays near the size of what it holds (without
+    that, 30 flushes of 4 ranks leave it 2.7 times as large)."""
+    path = tmp_path / "r.h5"
+    w = _writer(path)
+    name = w.begin_run("a", {}, {})
+    rng = np.random.default_rng(0)
+    for flush in range(1, 31):
+        for rank in range(4):
+            w.write_rank(name, rank, {"phase_seconds": rng.random((500 * flush, 10))}, {})
+    live = 4 * 500 * 30 * 10 * 8
+    assert path.stat().st_size < 1.3 * live
+
+
+def test_a_batch_lands_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "r.h5"
+    w = _writer(path)
+    name = w.begin_run("a", {}, {})
+    with pytest.raises(RuntimeError):
+        with w.batch():
+            w.write_rank(name, 1, {"loss": np.arange(4.0)}, {})
+            w.update_run(name, status="complete")
+            raise RuntimeError("killed before the batch ended")
+    run = results.read(path)["runs"]["a"]
+    assert run["status"] == "running" and run["ranks"] == {}
+    with w.batch():
+        w.write_rank(name, 1, {"loss": np.arange(4.0)}, {})
+        w.update_run(name, status="complete")
+    run = results.read(path)["runs"]["a"]
+    assert run["status"] == "complete" and list(run["ranks"][1]["loss"]) == [0, 1, 2, 3]
