@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .adamw import AdamW
+
 PURPOSES = {"init": 0, "data": 1, "noise": 2, "sample": 3, "metrics": 4, "cut_noise": 5, "privacy": 6}
 
 
@@ -97,7 +99,7 @@ class Learner:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.autocast = autocast
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.opt = AdamW(model.parameters(), lr=lr)
         self.ema = EMA(model, ema_decay)
         self.grad_clip = grad_clip
         from .flops import FlopCache
