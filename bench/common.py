@@ -27,19 +27,39 @@ if REPO not in sys.path:  # `python bench/x.py` puts bench/ first on sys.path, n
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
+def _git_dirs() -> tuple:
+    """(the git dir holding HEAD, the common dir holding refs): .git itself, or for a worktree
+    the folder its .git file names and that folder's commondir."""
+    git = os.path.join(REPO, ".git")
+    if os.path.isfile(git):
+        with open(git) as fh:
+            line = fh.read().strip()
+        if line.startswith("gitdir: "):
+            git = os.path.normpath(os.path.join(REPO, line[8:]))
+    common = git
+    try:
+        with open(os.path.join(git, "commondir")) as fh:
+            common = os.path.normpath(os.path.join(git, fh.read().strip()))
+    except OSError:
+        pass
+    return git, common
+
+
 def _git_commit() -> str:
     """HEAD's commit, read from .git without running git (the working tree may differ from it)."""
     try:
-        with open(os.path.join(REPO, ".git", "HEAD")) as fh:
+        git, common = _git_dirs()
+        with open(os.path.join(git, "HEAD")) as fh:
             head = fh.read().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
-        path = os.path.join(REPO, ".git", ref)
-        if os.path.exists(path):
-            with open(path) as fh:
-                return fh.read().strip()
-        with open(os.path.join(REPO, ".git", "packed-refs")) as fh:
+        for root in dict.fromkeys((git, common)):
+            path = os.path.join(root, ref)
+            if os.path.exists(path):
+                with open(path) as fh:
+                    return fh.read().strip()
+        with open(os.path.join(common, "packed-refs")) as fh:
             for line in fh:
                 if line.rstrip().endswith(" " + ref):
                     return line.split()[0]

@@ -41,10 +41,10 @@ MPIRUN="mpirun $CF_MPIRUN_FLAGS"
 if [ "${CF_GPU_SMOKE:-0}" = 1 ]; then
     DEVICE=cpu QUICK=--quick ITERS=2 STEPS2=6 STEPS8=4 CLIENTS8=3 EXTRA="--batch-size 4 --timesteps 10 --sample-steps 4 --samples-per-client 4"
     SMALL_BATCH=2  # the small preset's bf16 step is slow on a CPU: the smoke run checks the path, not speed
-    FUSED="--clients 2,4 --warmup 1"
+    FUSED="--clients 2,4 --warmup 1" PREC="--warmup 1" PREC_TINY="--batch-size 4" PLOT="--format png"
     NAME=smoke
 else
-    DEVICE=cuda QUICK= ITERS=30 STEPS2=300 STEPS8=150 CLIENTS8=8 EXTRA= SMALL_BATCH=64 FUSED=
+    DEVICE=cuda QUICK= ITERS=30 STEPS2=300 STEPS8=150 CLIENTS8=8 EXTRA= SMALL_BATCH=64 FUSED= PREC= PREC_TINY= PLOT=
     NAME=gpu
 fi
 failed=()
@@ -62,9 +62,9 @@ step info 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,
     $MPIRUN -n 1 $PY -c 'from collafuse_mpi import comm; from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0]); print(\"cuda-aware:\", comm.cuda_aware_mpi())'"
 step transport 240 $MPIRUN -n 2 "$PY" bench/transport.py --name "$NAME-transport" $QUICK --no-diagnostics
 step fused_server 150 "$PY" bench/fused_server.py --device "$DEVICE" --name "$NAME-fused_server" --iters "$ITERS" $FUSED
-step precision 90 "$PY" bench/precision.py --device "$DEVICE" --name "$NAME-precision" --iters "$ITERS"
+step precision 90 "$PY" bench/precision.py --device "$DEVICE" --name "$NAME-precision" --iters "$ITERS" $PREC $PREC_TINY
 step precision_small 120 "$PY" bench/precision.py --device "$DEVICE" --name "$NAME-precision-small" --iters "$ITERS" \
-    --preset small --image-size 32 --batch-size "$SMALL_BATCH"
+    --preset small --image-size 32 --batch-size "$SMALL_BATCH" $PREC
 
 H5="$WORK/$NAME.h5"
 run_cli() {  # run_cli RANKS STEPS TIMING
@@ -76,7 +76,7 @@ run_cli 3 "$STEPS2" attribution
 run_cli 3 "$STEPS2" throughput
 run_cli $((CLIENTS8 + 1)) "$STEPS8" attribution
 run_cli $((CLIENTS8 + 1)) "$STEPS8" throughput
-step plot 120 "$PY" -m collafuse_mpi.plot "$H5" -o "$WORK/figures"
+step plot 120 "$PY" -m collafuse_mpi.plot "$H5" -o "$WORK/figures" $PLOT
 step summary 60 "$PY" bench/gpu_summary.py "$H5" -o "$OUT_DIR/$NAME-summary.md"
 
 tar -czf "$OUT_DIR/$NAME-results.tar.gz" --exclude="*-models" -C "$WORK" . && echo "gpu: wrote $OUT_DIR/$NAME-results.tar.gz"
