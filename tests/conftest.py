@@ -35,6 +35,13 @@ def launch(n: int, args: list, timeout: float = 240, env_extra: dict | None = No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
+def imported_after(code: str, module: str) -> bool:
+    """Whether `module` is in sys.modules after `code` ran in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint({module!r} in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1] == "True"
+
+
 def tiny_config(output) -> config.Config:
     cfg = config.Config()
     cfg.train.steps, cfg.train.batch_size = 4, 4

@@ -45,18 +45,16 @@ def test_digits_native_size_matches_sklearn_and_rgb_replicates():
 
 def test_digits_are_read_as_load_digits_reads_them_without_importing_sklearn():
     """The data file itself, byte for byte the loader's numbers; scikit-learn stays unimported."""
-    import subprocess
-    import sys
     from sklearn.datasets import load_digits
 
     from collafuse_mpi.datasets import digits_table
+    from conftest import imported_after
     images, labels = digits_table()
     d = load_digits()
     assert np.array_equal(images, d.images) and np.array_equal(labels, d.target)
-    code = ("import sys; from collafuse_mpi.data import load_images; from collafuse_mpi.config import DataConfig; "
-            "load_images(DataConfig(dataset='digits')); print('sklearn' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    code = ("from collafuse_mpi.data import load_images; from collafuse_mpi.config import DataConfig; "
+            "load_images(DataConfig(dataset='digits'))")
+    assert not imported_after(code, "sklearn")
 
 
 def test_shapes_deterministic_and_labelled():
