@@ -25,12 +25,6 @@ class Held(OSError):
     """Another process kept the file locked for longer than the wait."""
 
 
-def tmp_path(path: str) -> str:
-    """Where an update is built; only the lock holder writes it, so one name is enough, and a
-    copy left by a killed update is simply overwritten by the next."""
-    return path + ".tmp"
-
-
 @contextlib.contextmanager
 def locked(path: str, wait_s: float):
     """An exclusive lock on the file now at `path`, created empty when missing. The lock must
@@ -65,8 +59,8 @@ def locked(path: str, wait_s: float):
         os.close(fd)
 
 
-def _fsync(path: str, flags: int = os.O_RDONLY):
-    fd = os.open(path, flags)
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -79,7 +73,7 @@ def update(path: str, wait_s: float, fresh: bool = False):
     ends without error; on an error the file is left exactly as it was. `fresh`, or an empty
     file (just created by the lock), starts from nothing. New files track their free space, so
     groups rewritten at every update reuse the space of the old ones instead of growing the file."""
-    tmp = tmp_path(path)
+    tmp = path + ".tmp"  # only the lock holder writes it; a copy a killed update left is overwritten
     with locked(path, wait_s):
         new = fresh or os.path.getsize(path) == 0
         try:

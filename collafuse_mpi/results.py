@@ -91,7 +91,7 @@ class ResultsWriter:
         """The file for one update, once there is room for it and for the copy the update is
         made on (h5file.update). A reader (the plot command) or another run may hold the file
         for a moment: wait for it."""
-        self._room(payload)
+        self._room(payload, copy=self._batch is None)  # a batch's copy is made once, at its start
         if self._batch is not None:
             yield self._batch
             return
@@ -112,9 +112,9 @@ class ResultsWriter:
             finally:
                 self._batch = None
 
-    def _room(self, payload=None):
+    def _room(self, payload=None, copy: bool = True):
         try:
-            size = os.path.getsize(self.path)
+            size = os.path.getsize(self.path) if copy else 0
         except OSError:
             size = 0
         need = SPACE_MARGIN + size + 2 * _nbytes(payload)
